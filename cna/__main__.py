@@ -1,0 +1,5 @@
+import sys
+
+from cna.cli import main
+
+sys.exit(main())

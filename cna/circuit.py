@@ -1,0 +1,184 @@
+"""Circuits: the neurons a method selected, as a plain value that round-trips through `circuit.json`.
+
+`Circuit` holds MLP neurons (CNA and the random control); `ResidualDirection`
+is its residual-stream counterpart (CAA and directional ablation), written to
+the same file with the layer(s) and vector norm instead of a neuron list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Neuron:
+    layer: int
+    index: int
+    delta: float  # mean over positive prompts - mean over negative prompts
+    positive_mean: float
+    negative_mean: float
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.layer, self.index)
+
+
+@dataclass
+class Circuit:
+    model: str
+    method: str
+    neurons: list[Neuron]
+    n_layers: int
+    neurons_per_layer: int
+    k_fraction: float | None = None  # None when k was given as a count
+    universal_removed: int = 0  # universal neurons displaced from the circuit (and refilled)
+    prompts: dict = field(default_factory=dict)  # {"positive": n, "negative": n, "sha256": str}
+    settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
+
+    @property
+    def k(self) -> int:
+        return len(self.neurons)
+
+    @property
+    def layer_counts(self) -> dict[int, int]:
+        counts = dict.fromkeys(range(self.n_layers), 0)
+        for neuron in self.neurons:
+            counts[neuron.layer] += 1
+        return counts
+
+    def by_layer(self) -> dict[int, list[Neuron]]:
+        layers: dict[int, list[Neuron]] = {}
+        for neuron in self.neurons:
+            layers.setdefault(neuron.layer, []).append(neuron)
+        return layers
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "k": self.k,
+            "k_fraction": self.k_fraction,
+            "neurons": [asdict(neuron) for neuron in self.neurons],
+            "universal_removed": self.universal_removed,
+            "layer_counts": {str(layer): count for layer, count in self.layer_counts.items()},
+            "n_layers": self.n_layers,
+            "neurons_per_layer": self.neurons_per_layer,
+            "prompts": self.prompts,
+            "settings": self.settings,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Circuit:
+        return cls(
+            model=data["model"],
+            method=data["method"],
+            neurons=[Neuron(**neuron) for neuron in data["neurons"]],
+            n_layers=data["n_layers"],
+            neurons_per_layer=data["neurons_per_layer"],
+            k_fraction=data.get("k_fraction"),
+            universal_removed=data.get("universal_removed", 0),
+            prompts=data.get("prompts", {}),
+            settings=data.get("settings", {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Circuit:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@dataclass
+class ResidualDirection:
+    """A residual-stream mean difference (positive - negative): what CAA adds and directional ablation removes."""
+
+    model: str
+    method: str
+    source_layer: int  # the layer whose output the mean difference was measured at
+    layers: list[int]  # the layers whose output the intervention edits
+    vector: list[float]
+    n_layers: int
+    prompts: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def norm(self) -> float:
+        return math.sqrt(sum(v * v for v in self.vector))
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "source_layer": self.source_layer,
+            "layers": self.layers,
+            "vector_norm": self.norm,
+            "hidden_size": len(self.vector),
+            "n_layers": self.n_layers,
+            "prompts": self.prompts,
+            "settings": self.settings,
+            "vector": self.vector,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ResidualDirection:
+        return cls(
+            model=data["model"],
+            method=data["method"],
+            source_layer=data["source_layer"],
+            layers=list(data["layers"]),
+            vector=list(data["vector"]),
+            n_layers=data["n_layers"],
+            prompts=data.get("prompts", {}),
+            settings=data.get("settings", {}),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ResidualDirection:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def overlap(a: Circuit, b: Circuit) -> list[tuple[int, int]]:
+    """The (layer, index) pairs present in both circuits, sorted."""
+    return sorted({n.key for n in a.neurons} & {n.key for n in b.neurons})
+
+
+def localisation(circuit: Circuit, top_n: int = 200) -> dict:
+    """Where the top-n neurons by |delta| sit: fraction in the final 3 layers and in the final quarter.
+
+    Paper tables 6-7. Uses all neurons when the circuit has fewer than top_n.
+    """
+    top = sorted(circuit.neurons, key=lambda n: (-abs(n.delta), n.layer, n.index))[:top_n]
+    if not top:
+        raise ValueError("localisation of an empty circuit")
+    final_quarter_start = math.floor(0.75 * circuit.n_layers)
+    return {
+        "n": len(top),
+        "final_3_layers": sum(n.layer >= circuit.n_layers - 3 for n in top) / len(top),
+        "final_quarter": sum(n.layer >= final_quarter_start for n in top) / len(top),
+        "final_quarter_start_layer": final_quarter_start,
+    }
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            json.dump(data, out, indent=2)
+            out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path

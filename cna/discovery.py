@@ -1,0 +1,319 @@
+"""Contrastive neuron discovery (paper sections 3.1-3.2).
+
+1. `collect_statistics`: forward passes only, batched; at the last real token of
+   every prompt, each MLP neuron's value and the residual stream after each layer
+   are added to running float64 sums. Memory is O(layers x neurons).
+2. `contrastive_scores`: delta = mean over positives - mean over negatives.
+3. `universal_neurons`: neurons in their prompt's top fraction of |activation|
+   for at least `threshold` of a diverse prompt set; they carry no behaviour.
+4. `select_circuit`: the top k by |delta| (or signed), universal neurons skipped
+   and the circuit refilled so k stays k.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from cna.batching import last_token_index, length_sorted_batches, pad_batch, position_ids
+from cna.circuit import Circuit, Neuron, ResidualDirection
+from cna.errors import ConfigError
+from cna.hooks import attached, read_input, read_output
+from cna.models import ArchitectureAdapter
+
+POSITIONS = ("last", "mean")  # the token(s) whose activation stands for a prompt
+SIGNS = ("abs", "positive", "negative")
+
+
+@dataclass
+class ActivationStatistics:
+    """Running sums over one prompt set; means are sums / n_prompts."""
+
+    n_prompts: int
+    neuron_sum: torch.Tensor  # [layers, neurons] float64
+    residual_sum: torch.Tensor  # [layers, hidden] float64
+    position: str
+    top_fraction: float | None = None
+    top_counts: torch.Tensor | None = None  # [layers, neurons]: prompts where the neuron was in the top fraction
+
+    @property
+    def neuron_mean(self) -> torch.Tensor:
+        return self.neuron_sum / self.n_prompts
+
+    @property
+    def residual_mean(self) -> torch.Tensor:
+        return self.residual_sum / self.n_prompts
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {"neuron_sum": self.neuron_sum, "residual_sum": self.residual_sum}
+        if self.top_counts is not None:
+            tensors["top_counts"] = self.top_counts
+        metadata = {"n_prompts": str(self.n_prompts), "position": self.position, "top_fraction": str(self.top_fraction)}
+        save_file(tensors, str(path), metadata=metadata)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ActivationStatistics:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = load_file(str(path))
+        top_fraction = None if metadata["top_fraction"] == "None" else float(metadata["top_fraction"])
+        return cls(
+            n_prompts=int(metadata["n_prompts"]),
+            neuron_sum=tensors["neuron_sum"],
+            residual_sum=tensors["residual_sum"],
+            position=metadata["position"],
+            top_fraction=top_fraction,
+            top_counts=tensors.get("top_counts"),
+        )
+
+
+def collect_statistics(
+    adapter: ArchitectureAdapter,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    position: str = "last",
+    top_fraction: float | None = None,
+    padding_side: str = "left",
+    progress: bool = True,
+    desc: str = "discovery",
+) -> ActivationStatistics:
+    """Stream per-neuron and per-layer residual sums over `prompts` (token id lists).
+
+    With `top_fraction`, also count for each neuron the prompts in which its
+    |activation| is among the top `top_fraction` of all the model's MLP neurons.
+    """
+    if not prompts:
+        raise ConfigError(f"{desc}: the prompt set is empty")
+    if position not in POSITIONS:
+        raise ConfigError(f"position '{position}' is not one of {POSITIONS}")
+    if top_fraction is not None and not 0 < top_fraction <= 1:
+        raise ConfigError(f"top_fraction must be in (0, 1], got {top_fraction}")
+    n_layers, width = adapter.n_layers, adapter.neurons_per_layer
+    device = adapter.input_device
+    neuron_sum = torch.zeros(n_layers, width, dtype=torch.float64, device=device)
+    residual_sum = torch.zeros(n_layers, adapter.hidden_size, dtype=torch.float64, device=device)
+    top_counts = torch.zeros(n_layers * width, dtype=torch.int64, device=device) if top_fraction else None
+    top_k = max(1, round(top_fraction * n_layers * width)) if top_fraction else 0
+
+    batch: dict[str, torch.Tensor] = {}
+    neuron_values: list[torch.Tensor | None] = [None] * n_layers
+
+    def prompt_values(hidden: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, H] float32: the value that stands for each prompt."""
+        if position == "last":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return hidden[rows, batch["last"].to(hidden.device)].float()
+        mask = batch["mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
+        return ((hidden * mask).sum(1) / mask.sum(1)).float()
+
+    def neuron_reader(layer: int):
+        def read(hidden: torch.Tensor) -> None:
+            values = prompt_values(hidden).to(device)
+            neuron_values[layer] = values
+            neuron_sum[layer] += values.sum(0, dtype=torch.float64)
+
+        return read
+
+    def residual_reader(layer: int):
+        def read(hidden: torch.Tensor) -> None:
+            residual_sum[layer] += prompt_values(hidden).to(device).sum(0, dtype=torch.float64)
+
+        return read
+
+    hooks = [read_input(site, neuron_reader(i)) for i, site in enumerate(adapter.neuron_sites)]
+    hooks += [read_output(layer, residual_reader(i)) for i, layer in enumerate(adapter.layers)]
+    batches = list(length_sorted_batches(prompts, batch_size))
+    with attached(hooks), torch.inference_mode():
+        for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, padding_side)
+            batch["mask"], batch["last"] = mask, last_token_index(mask)
+            adapter.body(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids(mask).to(device),
+                use_cache=False,
+            )
+            if top_counts is not None:
+                magnitudes = torch.stack(neuron_values, dim=1).abs().flatten(1)  # [B, layers * neurons]
+                top = magnitudes.topk(top_k, dim=1).indices.flatten()
+                top_counts.index_add_(0, top, torch.ones_like(top))
+    return ActivationStatistics(
+        n_prompts=len(prompts),
+        neuron_sum=neuron_sum.cpu(),
+        residual_sum=residual_sum.cpu(),
+        position=position,
+        top_fraction=top_fraction,
+        top_counts=None if top_counts is None else top_counts.view(n_layers, width).cpu(),
+    )
+
+
+@dataclass
+class NeuronScores:
+    """Per-neuron contrastive scores, [layers, neurons] float64 each."""
+
+    delta: torch.Tensor
+    positive_mean: torch.Tensor
+    negative_mean: torch.Tensor
+
+    def neuron(self, layer: int, index: int) -> Neuron:
+        return Neuron(
+            layer=layer,
+            index=index,
+            delta=float(self.delta[layer, index]),
+            positive_mean=float(self.positive_mean[layer, index]),
+            negative_mean=float(self.negative_mean[layer, index]),
+        )
+
+
+def contrastive_scores(positive: ActivationStatistics, negative: ActivationStatistics) -> NeuronScores:
+    if positive.neuron_sum.shape != negative.neuron_sum.shape:
+        raise ConfigError("positive and negative statistics come from different models")
+    if positive.position != negative.position:
+        raise ConfigError(f"positive statistics use position '{positive.position}', negative '{negative.position}'")
+    positive_mean, negative_mean = positive.neuron_mean, negative.neuron_mean
+    return NeuronScores(positive_mean - negative_mean, positive_mean, negative_mean)
+
+
+def universal_neurons(diverse: ActivationStatistics, threshold: float = 0.8) -> torch.Tensor:
+    """Bool [layers, neurons]: in the prompt's top fraction of |activation| for >= `threshold` of prompts."""
+    if diverse.top_counts is None:
+        raise ConfigError("the diverse-set statistics were collected without top_fraction")
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"universal threshold must be in (0, 1], got {threshold}")
+    return diverse.top_counts >= threshold * diverse.n_prompts
+
+
+def resolve_k(total: int, k_fraction: float | None = None, k: int | None = None) -> int:
+    """k from a fraction of all MLP neurons (rounded, at least 1) or an absolute count."""
+    if (k_fraction is None) == (k is None):
+        raise ConfigError("give exactly one of k_fraction and k")
+    if k is not None:
+        if not 1 <= k <= total:
+            raise ConfigError(f"k must be in [1, {total}], got {k}")
+        return int(k)
+    if not 0 < k_fraction <= 1:
+        raise ConfigError(f"k_fraction must be in (0, 1], got {k_fraction}")
+    return max(1, round(k_fraction * total))
+
+
+def _ranking_score(delta: torch.Tensor, sign: str) -> torch.Tensor:
+    if sign not in SIGNS:
+        raise ConfigError(f"sign '{sign}' is not one of {SIGNS}")
+    return {"abs": delta.abs(), "positive": delta, "negative": -delta}[sign]
+
+
+def rank_neurons(delta: torch.Tensor, sign: str = "abs", layers: tuple[int, int] | None = None) -> torch.Tensor:
+    """Flat neuron ids (layer * neurons_per_layer + index), best first; ties by (layer, index)."""
+    n_layers, width = delta.shape
+    score = _ranking_score(delta, sign).flatten()
+    candidates = torch.arange(score.numel())
+    if layers is not None:
+        start, stop = layers
+        if not 0 <= start < stop <= n_layers:
+            raise ConfigError(f"layer range [{start}, {stop}) is not within [0, {n_layers})")
+        candidates = candidates[start * width : stop * width]
+    order = torch.sort(score[candidates], descending=True, stable=True).indices
+    return candidates[order]
+
+
+def select_circuit(
+    scores: NeuronScores,
+    *,
+    model: str,
+    k_fraction: float | None = 0.001,
+    k: int | None = None,
+    sign: str = "abs",
+    layers: tuple[int, int] | None = None,
+    universal: torch.Tensor | None = None,
+    prompts: dict | None = None,
+    settings: dict | None = None,
+) -> Circuit:
+    """The top-k neurons by contrastive score; universal neurons are skipped and the circuit refilled."""
+    n_layers, width = scores.delta.shape
+    if k is not None:
+        k_fraction = None
+    n_selected = resolve_k(n_layers * width, k_fraction, k)
+    ranked = rank_neurons(scores.delta, sign, layers)
+    universal_removed = 0
+    if universal is not None:
+        flagged = universal.flatten()[ranked]
+        universal_removed = int(flagged[:n_selected].sum())
+        ranked = ranked[~flagged]
+    chosen = ranked[:n_selected].tolist()
+    neurons = [scores.neuron(flat // width, flat % width) for flat in chosen]
+    return Circuit(
+        model=model,
+        method="cna",
+        neurons=neurons,
+        n_layers=n_layers,
+        neurons_per_layer=width,
+        k_fraction=k_fraction,
+        universal_removed=universal_removed,
+        prompts=prompts or {},
+        settings={
+            "sign": sign,
+            "layers": list(layers) if layers else None,
+            "universal_flagged": None if universal is None else int(universal.sum()),
+            **(settings or {}),
+        },
+    )
+
+
+def random_circuit(circuit: Circuit, scores: NeuronScores, seed: int) -> Circuit:
+    """The control: as many neurons per layer as `circuit`, drawn uniformly from the neurons it does not use."""
+    generator = torch.Generator().manual_seed(seed)
+    used = {n.key for n in circuit.neurons}
+    neurons = []
+    for layer, count in sorted(circuit.layer_counts.items()):
+        if count == 0:
+            continue
+        free = torch.tensor([i for i in range(circuit.neurons_per_layer) if (layer, i) not in used])
+        drawn = free[torch.randperm(len(free), generator=generator)[:count]].sort().values
+        neurons += [scores.neuron(layer, int(index)) for index in drawn]
+    return replace(circuit, method="random", neurons=neurons, universal_removed=0,
+                   settings={**circuit.settings, "seed": seed, "matched_to": circuit.method})
+
+
+def residual_direction(
+    positive: ActivationStatistics,
+    negative: ActivationStatistics,
+    *,
+    model: str,
+    method: str,
+    source_layer: int,
+    layers: list[int],
+    prompts: dict | None = None,
+    settings: dict | None = None,
+) -> ResidualDirection:
+    """The residual-stream mean difference (positive - negative) measured at `source_layer`'s output."""
+    n_layers = positive.residual_sum.shape[0]
+    if not 0 <= source_layer < n_layers:
+        raise ConfigError(f"layer {source_layer} is not within [0, {n_layers})")
+    difference = positive.residual_mean[source_layer] - negative.residual_mean[source_layer]
+    return ResidualDirection(
+        model=model,
+        method=method,
+        source_layer=source_layer,
+        layers=layers,
+        vector=difference.tolist(),
+        n_layers=n_layers,
+        prompts=prompts or {},
+        settings=settings or {},
+    )
+
+
+def layer_at_fraction(n_layers: int, fraction: float) -> int:
+    """The decoder layer at a fraction of depth (0 = first, 1 = last)."""
+    if not 0 <= fraction <= 1:
+        raise ConfigError(f"layer fraction must be in [0, 1], got {fraction}")
+    return min(n_layers - 1, int(fraction * n_layers))

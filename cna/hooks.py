@@ -1,0 +1,84 @@
+"""Forward hooks that exist only inside a `with` block.
+
+Every hook cna adds goes through `attached`, which removes it in `finally`, so
+an exception inside the block (or a Ctrl-C) never leaves a model modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+TensorMap = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A function to register on `module`: before its forward (`pre`) or after it."""
+
+    module: nn.Module
+    fn: Callable
+    pre: bool
+    with_kwargs: bool = False
+
+
+@contextmanager
+def attached(hooks: Iterable[Hook]) -> Iterator[None]:
+    handles = []
+    try:
+        for hook in hooks:
+            register = hook.module.register_forward_pre_hook if hook.pre else hook.module.register_forward_hook
+            handles.append(register(hook.fn, with_kwargs=hook.with_kwargs))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def first_tensor(output) -> torch.Tensor:
+    """A decoder layer returns its hidden states alone or first in a tuple, by transformers version."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def read_input(module: nn.Module, read: Callable[[torch.Tensor], None]) -> Hook:
+    """Call `read` with the module's first positional input."""
+    return Hook(module, lambda _module, args: read(args[0]), pre=True)
+
+
+def read_output(module: nn.Module, read: Callable[[torch.Tensor], None]) -> Hook:
+    """Call `read` with the module's output hidden states."""
+    return Hook(module, lambda _module, _args, output: read(first_tensor(output)), pre=False)
+
+
+def map_input(module: nn.Module, transform: TensorMap) -> Hook:
+    """Replace the module's first input (positional, or the `hidden_states` keyword) by `transform(input)`."""
+
+    def hook(_module, args, kwargs):
+        if args:
+            return (transform(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": transform(kwargs["hidden_states"])}
+
+    return Hook(module, hook, pre=True, with_kwargs=True)
+
+
+def map_output(module: nn.Module, transform: TensorMap) -> Hook:
+    """Replace the module's output hidden states by `transform(output)`, keeping any tuple around them."""
+
+    def hook(_module, _args, output):
+        if isinstance(output, tuple):
+            return (transform(output[0]), *output[1:])
+        return transform(output)
+
+    return Hook(module, hook, pre=False)
+
+
+def hook_count(model: nn.Module) -> int:
+    """How many forward hooks of any kind are registered anywhere in `model` (for leak checks)."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks)  # noqa: SLF001 - torch exposes no public count
+        for m in model.modules()
+    )

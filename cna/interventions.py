@@ -1,0 +1,241 @@
+"""Interventions: one protocol, a context manager taking a strength alpha in [0, 1].
+
+    with intervention.steer(alpha=0.5):
+        model.generate(...)
+
+alpha = 0 leaves the model bit-identical (the hooks run, their arithmetic is
+exact at 0); alpha = 1 is full strength; the hooks are removed on leaving the
+block, exception or not.
+
+- `NeuronScale` (CNA): the circuit's neurons become m * x + (1 - m) * c, with
+  m = 1 - alpha (or an explicit multiplier, m > 1 amplifies) and c = 0 in
+  `scale` mode, the neuron's negative-set mean in `mean` mode.
+- `RandomNeurons`: the same, on a seeded random circuit with the same number of
+  neurons per layer as a given circuit (the control).
+- `SteeringVector` (CAA, Rimsky et al. 2024): subtracts alpha * scale * v from
+  the residual stream after one layer, v = mean(positive) - mean(negative) there.
+- `DirectionAblation` (Arditi et al. 2024): removes alpha times the projection on
+  the unit mean-difference direction from the residual stream entering the first
+  layer and after every layer.
+
+`positions` picks where an intervention acts during generation: `all` tokens,
+the `prompt` only (the prefill pass) or `generated` tokens only (later passes).
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from cna.circuit import Circuit, ResidualDirection
+from cna.discovery import NeuronScores, random_circuit
+from cna.errors import ConfigError
+from cna.hooks import Hook, attached, map_input, map_output
+from cna.models import ArchitectureAdapter
+
+POSITIONS = ("all", "prompt", "generated")
+NEURON_MODES = ("scale", "mean")
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0 <= alpha <= 1:
+        raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
+    return float(alpha)
+
+
+class _DeviceCache:
+    """A tensor kept once per (device, dtype) it is needed on: layers may sit on several GPUs."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def like(self, other: torch.Tensor) -> torch.Tensor:
+        key = (other.device, other.dtype)
+        if key not in self._copies:
+            self._copies[key] = self.value.to(device=other.device, dtype=other.dtype)
+        return self._copies[key]
+
+
+class Intervention(ABC):
+    def __init__(self, adapter: ArchitectureAdapter, positions: str = "all"):
+        if positions not in POSITIONS:
+            raise ConfigError(f"positions '{positions}' is not one of {POSITIONS}")
+        self.adapter = adapter
+        self.positions = positions
+
+    def steer(self, alpha: float):
+        """Context manager: the model is steered with strength `alpha` inside the block."""
+        return self._attached(self.hooks(check_alpha(alpha)))
+
+    @abstractmethod
+    def hooks(self, alpha: float) -> list[Hook]:
+        """The hooks that apply this intervention at strength alpha."""
+
+    @contextmanager
+    def _attached(self, hooks: list[Hook]) -> Iterator[None]:
+        if self.positions == "all":
+            with attached(hooks):
+                yield
+            return
+        prefill = {"now": True}
+
+        def note_pass(_module, _args, kwargs):
+            # The prefill pass is the one that starts with an empty (or no) KV cache.
+            cache = kwargs.get("past_key_values")
+            prefill["now"] = cache is None or cache.get_seq_length() == 0
+
+        want_prefill = self.positions == "prompt"
+        gated = [Hook(h.module, _gate(h.fn, lambda: prefill["now"] == want_prefill), h.pre, h.with_kwargs)
+                 for h in hooks]
+        with attached([Hook(self.adapter.model, note_pass, pre=True, with_kwargs=True), *gated]):
+            yield
+
+
+def _gate(fn: Callable, active: Callable[[], bool]) -> Callable:
+    """A hook that runs `fn` only while `active()`; returning None leaves inputs/outputs unchanged."""
+
+    def hook(*args):
+        return fn(*args) if active() else None
+
+    return hook
+
+
+class NeuronScale(Intervention):
+    """CNA: scale the circuit's neurons by m = 1 - alpha (or toward their negative-set mean)."""
+
+    def __init__(self, adapter: ArchitectureAdapter, circuit: Circuit, *, mode: str = "scale",
+                 positions: str = "all"):
+        super().__init__(adapter, positions)
+        if mode not in NEURON_MODES:
+            raise ConfigError(f"mode '{mode}' is not one of {NEURON_MODES}")
+        if circuit.n_layers != adapter.n_layers or circuit.neurons_per_layer != adapter.neurons_per_layer:
+            raise ConfigError(
+                f"circuit is for {circuit.n_layers} x {circuit.neurons_per_layer} neurons, "
+                f"model has {adapter.n_layers} x {adapter.neurons_per_layer}"
+            )
+        self.circuit = circuit
+        self.mode = mode
+        self._indices = {
+            layer: torch.tensor([n.index for n in neurons]) for layer, neurons in circuit.by_layer().items()
+        }
+        self._centres = {
+            layer: torch.tensor([n.negative_mean if mode == "mean" else 0.0 for n in neurons],
+                                dtype=torch.float64)
+            for layer, neurons in circuit.by_layer().items()
+        }
+
+    def hooks(self, alpha: float) -> list[Hook]:
+        return self._scale_hooks(1.0 - alpha)
+
+    def multiply(self, multiplier: float):
+        """Context manager: neurons become m * x + (1 - m) * c; m = 0 ablates, 1 is unchanged, > 1 amplifies."""
+        if multiplier < 0:
+            raise ConfigError(f"multiplier must be >= 0, got {multiplier}")
+        return self._attached(self._scale_hooks(float(multiplier)))
+
+    def _scale_hooks(self, multiplier: float) -> list[Hook]:
+        width = self.adapter.neurons_per_layer
+        hooks = []
+        for layer, indices in self._indices.items():
+            factor = torch.ones(width, dtype=torch.float64)
+            factor[indices] = multiplier
+            factors = _DeviceCache(factor)
+            if self.mode == "scale":
+                hooks.append(map_input(self.adapter.neuron_sites[layer], lambda x, f=factors: x * f.like(x)))
+                continue
+            offset = torch.zeros(width, dtype=torch.float64)
+            offset[indices] = (1.0 - multiplier) * self._centres[layer]
+            offsets = _DeviceCache(offset)
+            hooks.append(map_input(self.adapter.neuron_sites[layer],
+                                   lambda x, f=factors, o=offsets: x * f.like(x) + o.like(x)))
+        return hooks
+
+
+class RandomNeurons(NeuronScale):
+    """The control: as many neurons per layer as `circuit`, drawn with `seed`, steered like CNA."""
+
+    def __init__(self, adapter: ArchitectureAdapter, circuit: Circuit, scores: NeuronScores, *, seed: int,
+                 mode: str = "scale", positions: str = "all"):
+        super().__init__(adapter, random_circuit(circuit, scores, seed), mode=mode, positions=positions)
+
+
+class SteeringVector(Intervention):
+    """CAA: subtract alpha * scale * v from the residual stream after `direction.source_layer`.
+
+    alpha = 1 with scale = 1 moves the residual of an average positive prompt's last
+    token exactly onto the average negative one's at that layer; scale > 1 pushes further.
+    """
+
+    def __init__(self, adapter: ArchitectureAdapter, direction: ResidualDirection, *, scale: float = 1.0,
+                 positions: str = "all"):
+        super().__init__(adapter, positions)
+        self.layer = direction.source_layer
+        self.scale = float(scale)
+        self._vector = torch.tensor(direction.vector, dtype=torch.float64)
+
+    def hooks(self, alpha: float) -> list[Hook]:
+        shift = _DeviceCache(alpha * self.scale * self._vector)
+        return [map_output(self.adapter.layers[self.layer], lambda x: x - shift.like(x))]
+
+
+class DirectionAblation(Intervention):
+    """Directional ablation: x <- x - alpha * (x . d) d with d the unit mean difference, at every layer."""
+
+    def __init__(self, adapter: ArchitectureAdapter, direction: ResidualDirection, *, positions: str = "all"):
+        super().__init__(adapter, positions)
+        vector = torch.tensor(direction.vector, dtype=torch.float64)
+        norm = vector.norm()
+        if norm == 0:
+            raise ConfigError("directional ablation of a zero vector: positive and negative means are equal")
+        self._unit = vector / norm
+
+    def hooks(self, alpha: float) -> list[Hook]:
+        unit = _DeviceCache(self._unit)
+
+        def ablate(x: torch.Tensor) -> torch.Tensor:
+            d = unit.like(x)
+            return x - alpha * (x @ d).unsqueeze(-1) * d
+
+        first = [map_input(self.adapter.layers[0], ablate)]
+        return first + [map_output(layer, ablate) for layer in self.adapter.layers]
+
+
+@contextmanager
+def baked_weights(adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float) -> Iterator[None]:
+    """Multiply each circuit neuron's output weights by m in place; the originals come back in `finally`.
+
+    Scaling neuron j's value by m is exactly scaling what it writes (row j of the
+    neuron-major weight view) by m, so no hook is needed to steer the model.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer, neurons in circuit.by_layer().items():
+                weights = adapter.neuron_weights(layer)
+                rows = torch.tensor([n.index for n in neurons], device=weights.device)
+                saved.append((weights, rows, weights[rows].clone()))
+                weights[rows] = weights[rows] * multiplier
+        yield
+    finally:
+        with torch.no_grad():
+            for weights, rows, original in saved:
+                weights[rows] = original
+
+
+def export_baked_model(model, tokenizer, adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float,
+                       out_dir: str | Path) -> Path:
+    """Write a steered model as an ordinary Hugging Face folder: loads and runs with no hooks."""
+    out_dir = Path(out_dir)
+    with baked_weights(adapter, circuit, multiplier):
+        model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "cna_bake.json").write_text(json.dumps(
+        {"multiplier": multiplier, "circuit": circuit.to_dict()}, indent=2), encoding="utf-8")
+    return out_dir
+

@@ -1,0 +1,206 @@
+"""Load a causal LM, and the architecture adapter that holds every model-family detail.
+
+A *neuron* of layer l is one coordinate of the input to that layer's MLP output
+projection (`down_proj` in gated MLPs: act(gate_proj x) * up_proj x). The
+adapter finds, for each supported family, the decoder layers, that projection
+(the *neuron site*) and the residual stream after each layer (the layer's output).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cna.errors import CnaError, ConfigError
+
+MODEL_CACHE_ENV = "CNA_MODEL_CACHE"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where one model family keeps its decoder layers and its neuron site."""
+
+    layers: str  # attribute path from the top model to the list of decoder layers
+    neuron_site: str  # path inside a decoder layer to the module whose INPUT is the neuron vector
+    conv1d: bool = False  # GPT-2's Conv1D stores its weight as [in, out] instead of nn.Linear's [out, in]
+
+
+_GATED = Family("model.layers", "mlp.down_proj")
+
+FAMILIES: dict[str, Family] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3_text": _GATED,
+    "phi3": _GATED,
+    "olmo": _GATED,
+    "olmo2": _GATED,
+    "granite": _GATED,
+    "phi": Family("model.layers", "mlp.fc2"),
+    "gpt2": Family("transformer.h", "mlp.c_proj", conv1d=True),
+    "gptj": Family("transformer.h", "mlp.fc_out"),
+    "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h"),
+    "opt": Family("model.decoder.layers", "fc2"),
+}
+
+
+class UnsupportedModelError(CnaError):
+    pass
+
+
+class ArchitectureAdapter:
+    """Uniform access to the layers, neuron sites and residual stream of a supported model."""
+
+    def __init__(self, model: nn.Module):
+        model_type = getattr(model.config, "model_type", type(model).__name__)
+        family = FAMILIES.get(model_type)
+        if family is None:
+            raise UnsupportedModelError(
+                f"model_type '{model_type}' is not supported; supported: {', '.join(sorted(FAMILIES))}"
+            )
+        self.model = model
+        self.model_type = model_type
+        self.family = family
+        self.layers: list[nn.Module] = list(model.get_submodule(family.layers))
+        self.neuron_sites: list[nn.Module] = [layer.get_submodule(family.neuron_site) for layer in self.layers]
+        self.n_layers = len(self.layers)
+        self.neurons_per_layer = self._site_width(self.neuron_sites[0])
+        self.hidden_size = model.get_input_embeddings().weight.shape[1]
+
+    def _site_width(self, site: nn.Module) -> int:
+        if self.family.conv1d:
+            return site.weight.shape[0]
+        return site.in_features
+
+    @property
+    def total_neurons(self) -> int:
+        return self.n_layers * self.neurons_per_layer
+
+    @property
+    def input_device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def body(self) -> nn.Module:
+        """The decoder stack without the LM head: discovery needs no logits."""
+        return self.model.base_model
+
+    def neuron_weights(self, layer: int) -> torch.Tensor:
+        """A view of the site's weight with one row per neuron: row j is what neuron j writes."""
+        weight = self.neuron_sites[layer].weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise CnaError(
+                f"layer {layer}'s neuron weights are quantised ({weight.dtype}); bake a full-precision model"
+            )
+        return weight if self.family.conv1d else weight.t()
+
+
+@dataclass
+class ModelSpec:
+    """How to find and load one model. `name` is a hub id; `local_name` a folder under $CNA_MODEL_CACHE."""
+
+    name: str
+    local_name: str | None = None
+    path: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda when available, else cpu
+    device_map: str | None = None  # "auto": shard over all GPUs (and CPU) through accelerate
+    quantization: str | None = None  # None, "4bit" or "8bit" (bitsandbytes, CUDA only)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: ArchitectureAdapter
+    spec: ModelSpec
+    source: str  # the folder or hub id it was loaded from
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def resolve_source(spec: ModelSpec) -> str:
+    """An explicit path, then $CNA_MODEL_CACHE/<local_name>, then the hub id."""
+    if spec.path:
+        path = Path(spec.path).expanduser()
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.path '{spec.path}' is not a model folder (no config.json there)")
+        return str(path)
+    cache = os.environ.get(MODEL_CACHE_ENV)
+    if cache and spec.local_name:
+        folder = Path(cache).expanduser() / spec.local_name
+        if (folder / "config.json").is_file():
+            return str(folder)
+    return spec.name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype '{dtype}' is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _quantization_config(quantization: str | None, dtype: torch.dtype):
+    if quantization is None:
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise ConfigError(f"model.quantization '{quantization}' is not one of null, {', '.join(QUANTIZATIONS)}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"model.quantization '{quantization}' needs a CUDA GPU and none is available")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization '{quantization}' needs bitsandbytes: pip install 'cna[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model and tokenizer for inference only: eval mode, no parameter requires grad."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    quantization = _quantization_config(spec.quantization, dtype)
+    source = resolve_source(spec)
+    kwargs = {"dtype": dtype, "revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    if spec.device_map is not None or quantization is not None:
+        kwargs["device_map"] = spec.device_map or {"": device.index or 0}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        )
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as error:
+        hint = f"; or set model.path, or put it under ${MODEL_CACHE_ENV}/{spec.local_name or '<local_name>'}"
+        raise CnaError(f"cannot load model '{source}': {str(error).splitlines()[0]}{hint}") from error
+    if "device_map" not in kwargs:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model, tokenizer, ArchitectureAdapter(model), spec, source)

@@ -1,0 +1,212 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cna.batching import pad_batch
+from cna.circuit import Circuit, Neuron
+from cna.discovery import collect_statistics, contrastive_scores, residual_direction, select_circuit
+from cna.errors import ConfigError
+from cna.generation import generate
+from cna.hooks import attached, hook_count, read_input, read_output
+from cna.interventions import (
+    DirectionAblation,
+    NeuronScale,
+    RandomNeurons,
+    SteeringVector,
+    baked_weights,
+    export_baked_model,
+)
+from cna.models import ArchitectureAdapter
+from conftest import random_prompts, tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_llama(seed=11)
+    adapter = ArchitectureAdapter(model)
+    positive = collect_statistics(adapter, random_prompts(12, seed=12), pad_token_id=0, progress=False)
+    negative = collect_statistics(adapter, random_prompts(12, seed=13), pad_token_id=0, progress=False)
+    scores = contrastive_scores(positive, negative)
+    circuit = select_circuit(scores, model="tiny", k=12)
+    direction = residual_direction(positive, negative, model="tiny", method="caa", source_layer=1, layers=[1])
+    return model, adapter, scores, circuit, direction
+
+
+def every_intervention(setup):
+    _, adapter, scores, circuit, direction = setup
+    return {
+        "cna_scale": NeuronScale(adapter, circuit),
+        "cna_mean": NeuronScale(adapter, circuit, mode="mean"),
+        "random": RandomNeurons(adapter, circuit, scores, seed=0),
+        "caa": SteeringVector(adapter, direction, scale=4.0),
+        "direction": DirectionAblation(adapter, direction),
+    }
+
+
+NAMES = ["cna_scale", "cna_mean", "random", "caa", "direction"]
+BATCH = pad_batch(random_prompts(4, seed=14), pad_token_id=0, side="left")
+
+
+def logits(model):
+    ids, mask = BATCH
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_alpha_zero_is_bit_identical_and_alpha_one_is_not(setup, name):
+    model = setup[0]
+    intervention = every_intervention(setup)[name]
+    plain = logits(model)
+    with intervention.steer(0.0):
+        assert torch.equal(logits(model), plain)
+    with intervention.steer(1.0):
+        assert not torch.allclose(logits(model), plain)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_hook_is_left_after_an_exception(setup, name):
+    model = setup[0]
+    intervention = every_intervention(setup)[name]
+    before, plain = hook_count(model), logits(model)
+    with pytest.raises(RuntimeError, match="boom"), intervention.steer(1.0):
+        assert hook_count(model) > before
+        raise RuntimeError("boom")
+    assert hook_count(model) == before
+    assert torch.equal(logits(model), plain)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.01])
+def test_alpha_outside_unit_interval_is_rejected(setup, alpha):
+    with pytest.raises(ConfigError, match="alpha"):
+        every_intervention(setup)["cna_scale"].steer(alpha)
+
+
+def lowest_layer(circuit):
+    """The first circuit layer: nothing upstream of it is steered, so its inputs compare to the plain model."""
+    layers = circuit.by_layer()
+    return min(layers), layers[min(layers)]
+
+
+def neuron_inputs(model, adapter, layer: int, context) -> torch.Tensor:
+    """The neuron vector entering `layer`'s site, as the model sees it inside `context`."""
+    seen = []
+    with context, attached([read_input(adapter.neuron_sites[layer], seen.append)]):
+        logits(model)
+    return seen[0]
+
+
+def test_neuron_scale_multiplies_only_the_circuit(setup):
+    model, adapter, _, circuit, _ = setup
+    layer, neurons = lowest_layer(circuit)
+    inside = torch.tensor([n.index for n in neurons])
+    outside = torch.ones(adapter.neurons_per_layer, dtype=torch.bool)
+    outside[inside] = False
+    intervention = NeuronScale(adapter, circuit)
+    plain = neuron_inputs(model, adapter, layer, attached([]))
+    for context, factor in [(intervention.steer(1.0), 0.0), (intervention.steer(0.25), 0.75),
+                            (intervention.multiply(2.0), 2.0)]:
+        steered = neuron_inputs(model, adapter, layer, context)
+        torch.testing.assert_close(steered[..., inside], plain[..., inside] * factor)
+        torch.testing.assert_close(steered[..., outside], plain[..., outside])
+    with pytest.raises(ConfigError, match="multiplier"):
+        intervention.multiply(-1.0)
+
+
+def test_mean_mode_moves_neurons_to_their_negative_mean(setup):
+    model, adapter, _, circuit, _ = setup
+    layer, neurons = lowest_layer(circuit)
+    inside = [n.index for n in neurons]
+    means = torch.tensor([n.negative_mean for n in neurons], dtype=torch.float32)
+    intervention = NeuronScale(adapter, circuit, mode="mean")
+    plain = neuron_inputs(model, adapter, layer, attached([]))
+    full = neuron_inputs(model, adapter, layer, intervention.steer(1.0))
+    half = neuron_inputs(model, adapter, layer, intervention.steer(0.5))
+    torch.testing.assert_close(full[..., inside], means.expand_as(full[..., inside]))
+    torch.testing.assert_close(half[..., inside], 0.5 * plain[..., inside] + 0.5 * means)
+
+
+def residual_after(model, adapter, layer: int, context) -> torch.Tensor:
+    seen = []
+    with context, attached([read_output(adapter.layers[layer], seen.append)]):
+        logits(model)
+    return seen[0]
+
+
+def test_steering_vector_subtracts_alpha_times_scale_times_the_mean_difference(setup):
+    model, adapter, _, _, direction = setup
+    plain = residual_after(model, adapter, 1, attached([]))
+    steered = residual_after(model, adapter, 1, SteeringVector(adapter, direction, scale=2.0).steer(0.5))
+    vector = torch.tensor(direction.vector, dtype=torch.float32)
+    torch.testing.assert_close(steered, plain - 1.0 * vector)
+
+
+def test_direction_ablation_leaves_no_component_along_the_direction(setup):
+    model, adapter, _, _, direction = setup
+    unit = torch.tensor(direction.vector, dtype=torch.float32)
+    unit = unit / unit.norm()
+    ablation = DirectionAblation(adapter, direction)
+    for layer in range(adapter.n_layers):
+        plain = residual_after(model, adapter, layer, attached([]))
+        ablated = residual_after(model, adapter, layer, ablation.steer(1.0))
+        assert (plain @ unit).abs().max() > 1e-2
+        assert (ablated @ unit).abs().max() < 1e-5
+
+
+def test_random_control_steers_its_own_neurons(setup):
+    _, adapter, scores, circuit, _ = setup
+    control = RandomNeurons(adapter, circuit, scores, seed=5)
+    assert control.circuit.layer_counts == circuit.layer_counts
+    assert control.circuit.neurons != circuit.neurons
+
+
+def circuit_values_per_pass(model, adapter, circuit, context, prompts):
+    """For each forward pass of a generation, whether the circuit neurons of one layer were all zero."""
+    layer, neurons = lowest_layer(circuit)
+    indices = [n.index for n in neurons]
+    zeroed = []
+    with context, attached([read_input(adapter.neuron_sites[layer],
+                                       lambda x: zeroed.append(bool((x[..., indices] == 0).all())))]):
+        generate(model, prompts, pad_token_id=0, eos_token_id=[2], max_new_tokens=4, progress=False)
+    return zeroed
+
+
+@pytest.mark.parametrize(("positions", "expected"), [("all", [True] * 4), ("prompt", [True, False, False, False]),
+                                                     ("generated", [False, True, True, True])])
+def test_positions_pick_prompt_or_generated_tokens(setup, positions, expected):
+    model, adapter, _, circuit, _ = setup
+    prompts = random_prompts(2, seed=15)
+    intervention = NeuronScale(adapter, circuit, positions=positions)
+    model.generation_config.eos_token_id = None  # generate all four tokens
+    assert circuit_values_per_pass(model, adapter, circuit, intervention.steer(1.0), prompts) == expected
+
+
+def test_baked_weights_are_restored_after_an_exception(setup):
+    model, adapter, _, circuit, _ = setup
+    original = {name: p.clone() for name, p in model.state_dict().items()}
+    with pytest.raises(RuntimeError), baked_weights(adapter, circuit, 0.0):
+        assert not torch.equal(model.state_dict()["model.layers.2.mlp.down_proj.weight"],
+                               original["model.layers.2.mlp.down_proj.weight"])
+        raise RuntimeError
+    assert all(torch.equal(p, original[name]) for name, p in model.state_dict().items())
+
+
+@pytest.mark.parametrize("multiplier", [0.0, 2.0])
+def test_baked_export_generates_what_the_hooks_generate(setup, tmp_path, multiplier):
+    model, adapter, _, circuit, _ = setup
+    prompts = random_prompts(6, seed=16)
+    greedy = dict(pad_token_id=0, eos_token_id=[2], max_new_tokens=12, progress=False)
+    with NeuronScale(adapter, circuit).multiply(multiplier):
+        hooked = generate(model, prompts, **greedy)
+    assert hooked != generate(model, prompts, **greedy)
+    folder = export_baked_model(model, tiny_tokenizer(), adapter, circuit, multiplier, tmp_path / "baked")
+    baked = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hook_count(baked) == 0
+    assert generate(baked, prompts, **greedy) == hooked
+
+
+def test_circuit_for_another_model_is_rejected(setup):
+    _, adapter, _, _, _ = setup
+    foreign = Circuit("other", "cna", [Neuron(0, 1, 1.0, 1.0, 0.0)], n_layers=5, neurons_per_layer=10)
+    with pytest.raises(ConfigError, match="circuit is for 5 x 10"):
+        NeuronScale(adapter, foreign)
