@@ -35,7 +35,7 @@ class Circuit:
     neurons: list[Neuron]
     n_layers: int
     neurons_per_layer: int
-    k_fraction: float | None = None  # None when k was given as a count
+    k_fraction: float = 0.0  # k as a fraction of all MLP neurons
     universal_removed: int = 0  # universal neurons displaced from the circuit (and refilled)
     prompts: dict = field(default_factory=dict)  # {"positive": n, "negative": n, "sha256": str}
     settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
@@ -80,7 +80,7 @@ class Circuit:
             neurons=[Neuron(**neuron) for neuron in data["neurons"]],
             n_layers=data["n_layers"],
             neurons_per_layer=data["neurons_per_layer"],
-            k_fraction=data.get("k_fraction"),
+            k_fraction=data["k_fraction"],
             universal_removed=data.get("universal_removed", 0),
             prompts=data.get("prompts", {}),
             settings=data.get("settings", {}),

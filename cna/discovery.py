@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -59,8 +60,6 @@ class ActivationStatistics:
 
     @classmethod
     def load(cls, path: str | Path) -> ActivationStatistics:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
         tensors = load_file(str(path))
@@ -238,11 +237,16 @@ def select_circuit(
     prompts: dict | None = None,
     settings: dict | None = None,
 ) -> Circuit:
-    """The top-k neurons by contrastive score; universal neurons are skipped and the circuit refilled."""
+    """The top-k neurons by contrastive score; universal neurons are skipped and the circuit refilled.
+
+    k is `k_fraction` of all MLP neurons, or `k` neurons when a count is given (it overrides the fraction).
+    """
     n_layers, width = scores.delta.shape
     if k is not None:
-        k_fraction = None
-    n_selected = resolve_k(n_layers * width, k_fraction, k)
+        n_selected = resolve_k(n_layers * width, k=k)
+        k_fraction = n_selected / (n_layers * width)
+    else:
+        n_selected = resolve_k(n_layers * width, k_fraction=k_fraction)
     ranked = rank_neurons(scores.delta, sign, layers)
     universal_removed = 0
     if universal is not None:
@@ -261,6 +265,7 @@ def select_circuit(
         universal_removed=universal_removed,
         prompts=prompts or {},
         settings={
+            "k_requested": k if k is not None else k_fraction,
             "sign": sign,
             "layers": list(layers) if layers else None,
             "universal_flagged": None if universal is None else int(universal.sum()),

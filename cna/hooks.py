@@ -79,6 +79,6 @@ def map_output(module: nn.Module, transform: TensorMap) -> Hook:
 def hook_count(model: nn.Module) -> int:
     """How many forward hooks of any kind are registered anywhere in `model` (for leak checks)."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks)  # noqa: SLF001 - torch exposes no public count
+        len(m._forward_hooks) + len(m._forward_pre_hooks)  # torch has no public count of hooks
         for m in model.modules()
     )

@@ -123,6 +123,15 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """The tiny Llama and tokenizer saved as an ordinary Hugging Face folder."""
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
     folder = model_cache() / "smollm2-135m-instruct"
     if not (folder / "config.json").is_file():

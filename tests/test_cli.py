@@ -1,17 +1,6 @@
 import json
 
-import pytest
-
 from cna.cli import main
-from conftest import tiny_llama, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli") / "tiny"
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def test_discover_writes_the_circuit_and_prints_both_columns(tiny_folder, tmp_path, capsys):

@@ -167,6 +167,7 @@ def test_ties_break_by_layer_then_index():
     assert rank_neurons(delta).tolist()[:4] == [1, 2, 3, 5]
     circuit = select_circuit(scores_from_delta(delta), model="m", k=3)
     assert [n.key for n in circuit.neurons] == [(0, 1), (0, 2), (1, 0)]
+    assert circuit.k_fraction == 0.5 and circuit.settings["k_requested"] == 3
 
 
 def test_layer_range_restricts_the_circuit():

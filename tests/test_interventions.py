@@ -88,12 +88,16 @@ def lowest_layer(circuit):
     return min(layers), layers[min(layers)]
 
 
-def neuron_inputs(model, adapter, layer: int, context) -> torch.Tensor:
-    """The neuron vector entering `layer`'s site, as the model sees it inside `context`."""
+def seen_during(model, context, module, reader) -> torch.Tensor:
+    """What `module` takes in (reader=read_input) or gives out (read_output) in one forward pass inside `context`."""
     seen = []
-    with context, attached([read_input(adapter.neuron_sites[layer], seen.append)]):
+    with context, attached([reader(module, seen.append)]):
         logits(model)
     return seen[0]
+
+
+def neuron_inputs(model, adapter, layer: int, context) -> torch.Tensor:
+    return seen_during(model, context, adapter.neuron_sites[layer], read_input)
 
 
 def test_neuron_scale_multiplies_only_the_circuit(setup):
@@ -127,10 +131,7 @@ def test_mean_mode_moves_neurons_to_their_negative_mean(setup):
 
 
 def residual_after(model, adapter, layer: int, context) -> torch.Tensor:
-    seen = []
-    with context, attached([read_output(adapter.layers[layer], seen.append)]):
-        logits(model)
-    return seen[0]
+    return seen_during(model, context, adapter.layers[layer], read_output)
 
 
 def test_steering_vector_subtracts_alpha_times_scale_times_the_mean_difference(setup):
@@ -167,7 +168,8 @@ def circuit_values_per_pass(model, adapter, circuit, context, prompts):
     zeroed = []
     with context, attached([read_input(adapter.neuron_sites[layer],
                                        lambda x: zeroed.append(bool((x[..., indices] == 0).all())))]):
-        generate(model, prompts, pad_token_id=0, eos_token_id=[2], max_new_tokens=4, progress=False)
+        # An end token outside the vocabulary: every generation runs the full four passes.
+        generate(model, prompts, pad_token_id=0, eos_token_id=[10_000], max_new_tokens=4, progress=False)
     return zeroed
 
 
@@ -177,7 +179,6 @@ def test_positions_pick_prompt_or_generated_tokens(setup, positions, expected):
     model, adapter, _, circuit, _ = setup
     prompts = random_prompts(2, seed=15)
     intervention = NeuronScale(adapter, circuit, positions=positions)
-    model.generation_config.eos_token_id = None  # generate all four tokens
     assert circuit_values_per_pass(model, adapter, circuit, intervention.steer(1.0), prompts) == expected
 
 

@@ -6,7 +6,7 @@ from cna.errors import ConfigError
 from cna.hooks import attached, read_input, read_output
 from cna.interventions import NeuronScale
 from cna.models import FAMILIES, ArchitectureAdapter, ModelSpec, UnsupportedModelError, load_model, resolve_source
-from conftest import FAMILY_CONFIGS, tiny_llama, tiny_model, tiny_tokenizer
+from conftest import FAMILY_CONFIGS, tiny_model
 
 
 def test_every_supported_family_has_a_tiny_test_config():
@@ -42,21 +42,14 @@ def test_unsupported_model_fails_with_one_line_naming_it():
     assert "\n" not in message and "'mamba2'" in message and "llama" in message and "gpt2" in message
 
 
-@pytest.fixture(scope="module")
-def saved_tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def test_resolution_order_is_path_then_cache_then_hub(saved_tiny, tmp_path, monkeypatch):
+def test_resolution_order_is_path_then_cache_then_hub(tiny_folder, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     (cache / "tiny-local").mkdir(parents=True)
     (cache / "tiny-local" / "config.json").write_text("{}")
     monkeypatch.setenv("CNA_MODEL_CACHE", str(cache))
     spec = ModelSpec(name="org/tiny", local_name="tiny-local")
-    assert resolve_source(ModelSpec(name="org/tiny", local_name="tiny-local", path=str(saved_tiny))) == str(saved_tiny)
+    explicit = ModelSpec(name="org/tiny", local_name="tiny-local", path=str(tiny_folder))
+    assert resolve_source(explicit) == str(tiny_folder)
     assert resolve_source(spec) == str(cache / "tiny-local")
     assert resolve_source(ModelSpec(name="org/tiny", local_name="absent")) == "org/tiny"
     monkeypatch.delenv("CNA_MODEL_CACHE")
@@ -68,30 +61,30 @@ def test_missing_explicit_path_names_the_key(tmp_path):
         resolve_source(ModelSpec(name="org/tiny", path=str(tmp_path / "nowhere")))
 
 
-def test_loaded_model_is_float32_on_cpu_in_eval_mode_without_gradients(saved_tiny):
-    loaded = load_model(ModelSpec(name="org/tiny", path=str(saved_tiny), device="cpu"))
+def test_loaded_model_is_float32_on_cpu_in_eval_mode_without_gradients(tiny_folder):
+    loaded = load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), device="cpu"))
     parameters = list(loaded.model.parameters())
     assert {p.dtype for p in parameters} == {torch.float32}
     assert {p.device.type for p in parameters} == {"cpu"}
     assert not loaded.model.training and not any(p.requires_grad for p in parameters)
     assert loaded.adapter.n_layers == 3 and loaded.tokenizer.pad_token_id == 0
-    assert loaded.source == str(saved_tiny)
+    assert loaded.source == str(tiny_folder)
 
 
-def test_dtype_can_be_chosen(saved_tiny):
-    loaded = load_model(ModelSpec(name="org/tiny", path=str(saved_tiny), device="cpu", dtype="bfloat16"))
+def test_dtype_can_be_chosen(tiny_folder):
+    loaded = load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), device="cpu", dtype="bfloat16"))
     assert next(loaded.model.parameters()).dtype == torch.bfloat16
     with pytest.raises(ConfigError, match="model.dtype 'float8'"):
-        load_model(ModelSpec(name="org/tiny", path=str(saved_tiny), dtype="float8"))
+        load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), dtype="float8"))
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_quantisation_without_cuda_is_a_one_line_error(saved_tiny, monkeypatch, quantization):
+def test_quantisation_without_cuda_is_a_one_line_error(tiny_folder, monkeypatch, quantization):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=f"model.quantization '{quantization}' needs a CUDA GPU"):
-        load_model(ModelSpec(name="org/tiny", path=str(saved_tiny), quantization=quantization))
+        load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), quantization=quantization))
 
 
-def test_unknown_quantisation_is_rejected(saved_tiny):
+def test_unknown_quantisation_is_rejected(tiny_folder):
     with pytest.raises(ConfigError, match="model.quantization '3bit' is not one of"):
-        load_model(ModelSpec(name="org/tiny", path=str(saved_tiny), quantization="3bit"))
+        load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), quantization="3bit"))
