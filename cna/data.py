@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import random
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from difflib import SequenceMatcher
 from importlib import resources
 from pathlib import Path
 
-from cna.errors import ConfigError
+from cna.errors import CnaError, ConfigError
 
 TEMPLATES = ("chat", "raw")
 
@@ -39,21 +43,139 @@ def read_prompt_file(path: str | Path, column: str | None = None) -> list[str]:
     return [str(row[_find_column(row, column, path)]) for row in rows]
 
 
-def _find_column(row: dict, column: str | None, path: Path) -> str:
+def _find_column(row: dict, column: str | None, where) -> str:
     if column is None:
-        raise ConfigError(f"prompt file '{path}' has columns {list(row)}; name one with `column`")
+        raise ConfigError(f"prompt file '{where}' has columns {list(row)}; name one with `column`")
     for key in row:
         if key.lower() == column.lower():
             return key
-    raise ConfigError(f"prompt file '{path}' has no column '{column}'; it has {list(row)}")
+    raise ConfigError(f"'{where}' has no column '{column}'; it has {list(row)}")
 
 
-def packaged_prompts(name: str) -> list[str]:
-    """A prompt set shipped with cna (cna/prompt_sets/<name>.txt)."""
-    resource = resources.files("cna") / "prompt_sets" / f"{name}.txt"
-    if not resource.is_file():
-        raise ConfigError(f"no packaged prompt set '{name}'")
-    return [line.strip() for line in resource.read_text(encoding="utf-8").splitlines() if line.strip()]
+def packaged_prompts(name: str, subset: str | None = None) -> list[str]:
+    """A prompt set shipped with cna: `<name>.txt` (one per line) or `<name>.jsonl` rows with a `set` field.
+
+    For JSONL sets, `subset` picks the rows of one set ("positive" or "negative").
+    """
+    return [row["prompt"] for row in packaged_rows(name, subset)]
+
+
+def packaged_rows(name: str, subset: str | None = None) -> list[dict]:
+    """Rows of a packaged set: {"prompt"} for text sets; {"prompt", "target"?, "set"} for JSONL sets."""
+    folder = resources.files("cna") / "prompt_sets"
+    text, table = folder / f"{name}.txt", folder / f"{name}.jsonl"
+    if text.is_file():
+        if subset is not None:
+            raise ConfigError(f"packaged prompt set '{name}' has no subsets; got subset '{subset}'")
+        return [{"prompt": line.strip()} for line in text.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not table.is_file():
+        known = sorted(p.name.rsplit(".", 1)[0] for p in folder.iterdir() if p.name.endswith((".txt", ".jsonl")))
+        raise ConfigError(f"no packaged prompt set '{name}'; known: {', '.join(known)}")
+    rows = [json.loads(line) for line in table.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if subset is None:
+        return rows
+    chosen = [row for row in rows if row["set"] == subset]
+    if not chosen:
+        raise ConfigError(f"packaged prompt set '{name}' has no subset '{subset}'; it has "
+                          f"{sorted({row['set'] for row in rows})}")
+    return chosen
+
+
+@dataclass
+class PromptSource:
+    """Where a prompt set comes from: a local file (tried first, when it exists), the hub, or the package."""
+
+    path: str | None = None  # CSV / JSON / JSONL / TXT
+    column: str | None = None  # the field holding the prompt, any case
+    hub: str | None = None  # a dataset name on the Hugging Face hub
+    config: str | None = None
+    split: str = "train"
+    packaged: str | None = None  # a set shipped with cna
+    subset: str | None = None  # for packaged sets: "positive" or "negative"
+
+
+def load_prompts(source: PromptSource) -> list[str]:
+    if source.packaged:
+        return packaged_prompts(source.packaged, source.subset)
+    if source.path and (Path(source.path).expanduser().is_file() or not source.hub):
+        return read_prompt_file(source.path, source.column)
+    if source.hub:
+        return _hub_prompts(source)
+    raise ConfigError("a prompt source needs one of path, hub or packaged")
+
+
+def _hub_prompts(source: PromptSource) -> list[str]:
+    from datasets import load_dataset
+
+    try:
+        rows = load_dataset(source.hub, source.config, split=source.split)
+    except Exception as error:  # the hub raises many types; all mean "not available here"
+        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CnaError(f"cannot load dataset '{source.hub}' from the hub ({first_line}); "
+                       "set its `path` to a local file") from error
+    if source.column is None:
+        raise ConfigError(f"dataset '{source.hub}' has columns {rows.column_names}; name one with `column`")
+    return [str(row) for row in rows[_find_column(dict.fromkeys(rows.column_names), source.column, source.hub)]]
+
+
+def subsample(prompts: Sequence[str], n: int | None, seed: int = 0) -> list[str]:
+    """n prompts drawn without replacement with `seed` (all of them, in order, when n is None)."""
+    if n is None:
+        return list(prompts)
+    if not 1 <= n <= len(prompts):
+        raise ConfigError(f"asked for {n} prompts, but the set has {len(prompts)}")
+    return random.Random(seed).sample(list(prompts), n)
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation dropped, whitespace collapsed: what an exact duplicate is compared on."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def similarity(a: str, b: str) -> float:
+    """Character-level similarity of two normalised texts in [0, 1] (difflib's ratio)."""
+    return SequenceMatcher(None, a, b, autojunk=False).ratio()
+
+
+@dataclass
+class Deduplication:
+    kept: list[str]
+    exact: list[str]  # dropped: equal to an evaluation prompt after normalising
+    near: list[tuple[str, str, float]]  # dropped: (prompt, the evaluation prompt it resembles, similarity)
+
+    @property
+    def removed(self) -> int:
+        return len(self.exact) + len(self.near)
+
+
+def deduplicate(candidates: Sequence[str], evaluation: Sequence[str], threshold: float = 0.8) -> Deduplication:
+    """Drop discovery prompts that are exact or near duplicates (similarity >= threshold) of evaluation prompts.
+
+    Pairs sharing under a quarter of their words are skipped before the character comparison,
+    which keeps an 18,000 x 100 check to seconds.
+    """
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"dedup threshold must be in (0, 1], got {threshold}")
+    targets = [(normalise(text), text) for text in evaluation]
+    target_words = [set(norm.split()) for norm, _ in targets]
+    exact_set = {norm for norm, _ in targets}
+    result = Deduplication([], [], [])
+    for text in candidates:
+        norm = normalise(text)
+        if norm in exact_set:
+            result.exact.append(text)
+            continue
+        words = set(norm.split())
+        best = (0.0, "")
+        for (target_norm, target), target_set in zip(targets, target_words, strict=True):
+            union = len(words | target_set)
+            if union and len(words & target_set) / union >= 0.25:
+                best = max(best, (similarity(norm, target_norm), target))
+        if best[0] >= threshold:
+            result.near.append((text, best[1], best[0]))
+        else:
+            result.kept.append(text)
+    return result
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], template: str = "chat") -> list[list[int]]:

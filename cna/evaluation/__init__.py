@@ -1,0 +1,1 @@
+"""Evaluators: each a function of generations or logits that returns plain values."""

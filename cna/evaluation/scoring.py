@@ -1,0 +1,42 @@
+"""Batched next-token log-probabilities: the one scoring primitive behind MMLU, KL and the LLM judge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from cna.batching import length_sorted_batches, pad_batch, position_ids
+
+
+def next_token_logprobs(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    token_ids: Sequence[int] | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "scoring",
+) -> torch.Tensor:
+    """log p(next token | prompt) for every prompt, float32 on CPU, in prompt order.
+
+    [n, vocab], or [n, len(token_ids)] when only some tokens matter (normalised over the whole vocabulary).
+    """
+    device = model.get_input_embeddings().weight.device
+    rows_out: list[torch.Tensor | None] = [None] * len(prompts)
+    selected = None if token_ids is None else torch.tensor(list(token_ids))
+    batches = list(length_sorted_batches(prompts, batch_size))
+    with torch.inference_mode():
+        for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            # Left padding puts every prompt's last token in the final column: one logit row each.
+            ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, side="left")
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=position_ids(mask).to(device), use_cache=False, logits_to_keep=1).logits
+            logprobs = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+            if selected is not None:
+                logprobs = logprobs[:, selected]
+            for row, values in zip(rows, logprobs, strict=True):
+                rows_out[row] = values
+    return torch.stack(rows_out)
