@@ -46,12 +46,14 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny vocabulary ("w3 w17 ..."), with a chat template."""
+    """A word-level tokenizer over the tiny vocabulary ("w4 w17 ... yes no A B C D"), with a chat template."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    words = ["yes", "no", "A", "B", "C", "D"]  # what the LLM judge and MMLU read
     vocab = {token: i for i, token in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), VOCAB)})
+    vocab.update({f"w{i}": i for i in range(len(specials), VOCAB - len(words))})
+    vocab.update({word: VOCAB - len(words) + i for i, word in enumerate(words)})
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
