@@ -22,9 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# The real offline model the integration tests use (fetched once into $(CNA_MODEL_CACHE)).
+# The real offline models the integration tests use (fetched once into $(CNA_MODEL_CACHE)).
 models: setup
-	$(BIN)/python $(SHARED)/models/fetch smollm2-135m-instruct
+	$(BIN)/python $(SHARED)/models/fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 
 lint: setup
 	$(BIN)/ruff check cna tests

@@ -18,10 +18,11 @@ from cna.errors import CnaError, ConfigError
 TEMPLATES = ("chat", "raw")
 
 
-def read_prompt_file(path: str | Path, column: str | None = None) -> list[str]:
+def read_prompt_file(path: str | Path, column: str | None = None, where: dict | None = None) -> list[str]:
     """Prompts from a CSV, JSON (a list of rows or of strings), JSONL or text file (one prompt per line).
 
-    `column` picks a field of CSV/JSON rows, matched case-insensitively.
+    `column` picks a field of CSV/JSON rows, matched case-insensitively; `where` keeps only
+    the rows whose fields equal the given values (e.g. {"label": "safe"} for XSTest).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -39,7 +40,11 @@ def read_prompt_file(path: str | Path, column: str | None = None) -> list[str]:
     else:
         raise ConfigError(f"prompt file '{path}' has suffix '{suffix}'; expected .csv, .json, .jsonl or .txt")
     if rows and all(isinstance(row, str) for row in rows):
+        if where:
+            raise ConfigError(f"prompt file '{path}' has no fields to filter with `where`")
         return list(rows)
+    for key, value in (where or {}).items():
+        rows = [row for row in rows if str(row[_find_column(row, key, path)]) == str(value)]
     return [str(row[_find_column(row, column, path)]) for row in rows]
 
 
@@ -92,13 +97,14 @@ class PromptSource:
     split: str = "train"
     packaged: str | None = None  # a set shipped with cna
     subset: str | None = None  # for packaged sets: "positive" or "negative"
+    where: dict | None = None  # for files: keep rows whose fields equal these values
 
 
 def load_prompts(source: PromptSource) -> list[str]:
     if source.packaged:
         return packaged_prompts(source.packaged, source.subset)
     if source.path and (Path(source.path).expanduser().is_file() or not source.hub):
-        return read_prompt_file(source.path, source.column)
+        return read_prompt_file(source.path, source.column, source.where)
     if source.hub:
         return _hub_prompts(source)
     raise ConfigError("a prompt source needs one of path, hub or packaged")

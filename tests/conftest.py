@@ -133,9 +133,18 @@ def tiny_folder(tmp_path_factory) -> Path:
     return folder
 
 
+def fetched_model(name: str) -> Path:
+    folder = model_cache() / name
+    if not (folder / "config.json").is_file():
+        pytest.fail(f"{folder} is missing: run `make models` (../shared/models/fetch {name})")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2_folder() -> Path:
-    folder = model_cache() / "smollm2-135m-instruct"
-    if not (folder / "config.json").is_file():
-        pytest.fail(f"{folder} is missing: run `make models` (../shared/models/fetch smollm2-135m-instruct)")
-    return folder
+    return fetched_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def qwen_folder() -> Path:
+    return fetched_model("qwen2.5-coder-0.5b-instruct")

@@ -224,8 +224,8 @@ def test_local_mmlu_files_load(tmp_path):
 
 # --- LLM judge --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("planted", "expected"), [("yes", True), ("no", False)])
-def test_llm_judge_plumbing_reads_yes_or_no(planted, expected):
+@pytest.mark.parametrize(("planted", "refusal"), [("yes", False), ("no", True)])
+def test_llm_judge_plumbing_reads_yes_or_no(planted, refusal):
     model = tiny_llama(seed=27)
     tokenizer = tiny_tokenizer()
     bias = torch.zeros(model.config.vocab_size)
@@ -234,7 +234,7 @@ def test_llm_judge_plumbing_reads_yes_or_no(planted, expected):
     judge = LLMRefusalJudge(model, tokenizer, batch_size=2)
     assert judge.yes_ids == [tokenizer.convert_tokens_to_ids("yes")]
     verdicts = judge(["w10 w11", "w12", "w13 w14 w15"], ["w20", "w21 w22", ""])
-    assert verdicts == [expected] * 3
+    assert verdicts == [refusal] * 3
 
 
 def test_responses_become_rates_and_generation_records():
