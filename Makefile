@@ -37,6 +37,7 @@ demo: setup
 	$(BIN)/python -m cna discover --model $(DEMO_HUB_ID) --local-name $(DEMO_MODEL) \
 		--positive $(CNA_DATA_DIR)/harmful_harmless_splits/harmful_train.json \
 		--negative $(CNA_DATA_DIR)/harmful_harmless_splits/harmless_train.json --n 64 \
+		--dedup-against $(CNA_DATA_DIR)/jbb_behaviors/harmful-behaviors.csv --dedup-column goal \
 		--show $(CNA_DATA_DIR)/jbb_behaviors/harmful-behaviors.csv --show-column goal --show-n 6 \
 		--multiplier 0 --out outputs/demo
 

@@ -10,7 +10,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from cna.data import encode_prompts, packaged_prompts, prompt_sets_sha256, read_prompt_file
+from cna.data import deduplicate, encode_prompts, packaged_prompts, prompt_sets_sha256, read_prompt_file
 from cna.discovery import collect_statistics, contrastive_scores, select_circuit, universal_neurons
 from cna.errors import CnaError
 from cna.generation import eos_token_ids, generate
@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     prompts.add_argument("--n", type=int, default=64, help="prompts drawn (seeded) from each set")
     prompts.add_argument("--seed", type=int, default=0)
     prompts.add_argument("--template", default="chat", choices=["chat", "raw"])
+    prompts.add_argument("--dedup-against", help="evaluation file: drop discovery prompts that copy its prompts")
+    prompts.add_argument("--dedup-column", default="goal")
+    prompts.add_argument("--dedup-threshold", type=float, default=0.8, help="near-duplicate similarity")
     selection = discover.add_argument_group("selection")
     selection.add_argument("--k-fraction", type=float, default=0.001)
     selection.add_argument("--k", type=int, help="an absolute neuron count (overrides --k-fraction)")
@@ -60,8 +63,17 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
 
 def discover(args: argparse.Namespace) -> None:
     # Every input file is read before the model loads, so a typo fails in a second, not after a minute.
-    positive = _sample(read_prompt_file(args.positive, args.positive_column), args.n, args.seed)
-    negative = _sample(read_prompt_file(args.negative, args.negative_column), args.n, args.seed)
+    positive = read_prompt_file(args.positive, args.positive_column)
+    negative = read_prompt_file(args.negative, args.negative_column)
+    if args.dedup_against:
+        evaluation = read_prompt_file(args.dedup_against, args.dedup_column)
+        for name, prompts in (("positive", positive), ("negative", negative)):
+            kept = deduplicate(prompts, evaluation, args.dedup_threshold)
+            print(f"{name} set: removed {len(kept.exact)} exact and {len(kept.near)} near duplicates of "
+                  f"{args.dedup_against}")
+            prompts[:] = kept.kept
+    positive = _sample(positive, args.n, args.seed)
+    negative = _sample(negative, args.n, args.seed)
     shown = read_prompt_file(args.show, args.show_column) if args.show else positive
     shown = _sample(shown, args.show_n, args.seed)
     started = time.perf_counter()
@@ -90,7 +102,7 @@ def discover(args: argparse.Namespace) -> None:
         sign=args.sign,
         universal=universal,
         prompts={"positive": len(positive), "negative": len(negative),
-                 "sha256": prompt_sets_sha256(positive, negative)},
+                 "sha256": prompt_sets_sha256(positive, negative), "deduplicated_against": args.dedup_against},
         settings={"top_fraction": args.top_fraction, "threshold": None if args.no_filter else args.threshold},
     )
     path = circuit.save(Path(args.out) / "circuit.json")

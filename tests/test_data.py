@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +147,24 @@ def test_deduplication_finds_the_known_leaks_into_jbb():
     result = deduplicate(train, jbb)
     assert len(result.exact) == 1 and 8 <= len(result.near) <= 15
     assert len(result.kept) == len(train) - result.removed
+
+
+def test_hub_datasets_load_through_datasets_with_any_column_case(tmp_path):
+    # `datasets` treats a local folder like a hub repository: the same code path, no network.
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "harmful.csv").write_text("Goal,Category\nfirst goal,a\nsecond goal,b\n")
+    source = PromptSource(hub=str(tmp_path / "repo"), split="train", column="goal")
+    assert load_prompts(source) == ["first goal", "second goal"]
+    with pytest.raises(ConfigError, match="has no column 'prompt'"):
+        load_prompts(PromptSource(hub=str(tmp_path / "repo"), split="train", column="prompt"))
+
+
+def test_unreachable_hub_is_a_one_line_error():
+    script = ("from cna.data import PromptSource, load_prompts\n"
+              "load_prompts(PromptSource(hub='JailbreakBench/JBB-Behaviors', config='behaviors', column='goal'))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    last = run.stderr.strip().splitlines()[-1]
+    assert run.returncode != 0
+    assert last.startswith("cna.errors.CnaError: cannot load dataset 'JailbreakBench/JBB-Behaviors' from the hub")
+    assert last.endswith("set its `path` to a local file")
