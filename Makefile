@@ -7,7 +7,6 @@ export CNA_MODEL_CACHE ?= $(HOME)/.cache/cna-models
 export CNA_DATA_DIR ?= $(abspath $(SHARED)/data)
 
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
-DEMO_HUB_ID ?= Qwen/Qwen2.5-Coder-0.5B-Instruct
 
 .PHONY: setup models lint test demo clean
 
@@ -27,19 +26,18 @@ models: setup
 	$(BIN)/python $(SHARED)/models/fetch smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 
 lint: setup
-	$(BIN)/ruff check cna tests
+	$(BIN)/ruff check cna tests benchmarks launch.py
 
 test: lint models
 	$(BIN)/python -m pytest
 
+# The main job on the offline refusal model, small evaluation sizes: contract files, a report, an offline W&B run.
 demo: setup
 	$(BIN)/python $(SHARED)/models/fetch $(DEMO_MODEL)
-	$(BIN)/python -m cna discover --model $(DEMO_HUB_ID) --local-name $(DEMO_MODEL) \
-		--positive $(CNA_DATA_DIR)/harmful_harmless_splits/harmful_train.json \
-		--negative $(CNA_DATA_DIR)/harmful_harmless_splits/harmless_train.json --n 64 \
-		--dedup-against $(CNA_DATA_DIR)/jbb_behaviors/harmful-behaviors.csv --dedup-column goal \
-		--show $(CNA_DATA_DIR)/jbb_behaviors/harmful-behaviors.csv --show-column goal --show-n 6 \
-		--multiplier 0 --out outputs/demo
+	$(BIN)/python launch.py model=qwen_coder_0_5b method=cna eval=small prompts.n_positive=64 prompts.n_negative=64 \
+		alphas=[0.0,1.0] hydra.run.dir=outputs/demo resume=false
+	$(BIN)/python -m cna.report outputs/demo
+	@cat outputs/demo/summary.md
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

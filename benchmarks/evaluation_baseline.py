@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mmlu", type=int, default=1000, help="questions, stratified by subject (0: skip)")
-    parser.add_argument("--sets", default="jbb_harmful,jbb_benign,xstest_safe")
+    parser.add_argument("--sets", default="jbb_harmful,jbb_benign,xstest_safe", help="comma-separated; '' for none")
     parser.add_argument("--out", default="outputs/baseline")
     args = parser.parse_args()
 
@@ -46,7 +46,7 @@ def main() -> None:
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     results, timings = {}, {}
     with (out / "generations.jsonl").open("w", encoding="utf-8") as lines:
-        for name in args.sets.split(","):
+        for name in filter(None, args.sets.split(",")):
             prompts = sets[name]()
             started = time.perf_counter()
             tokens = generate(loaded.model, encode_prompts(tokenizer, prompts), desc=name, **greedy)

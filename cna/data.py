@@ -43,18 +43,23 @@ def read_prompt_file(path: str | Path, column: str | None = None, where: dict | 
         if where:
             raise ConfigError(f"prompt file '{path}' has no fields to filter with `where`")
         return list(rows)
+    return _select(rows, column, where, path)
+
+
+def _select(rows: list[dict], column: str | None, where: dict | None, origin) -> list[str]:
+    """The `column` of the rows whose fields equal `where`'s values; names match in any case."""
     for key, value in (where or {}).items():
-        rows = [row for row in rows if str(row[_find_column(row, key, path)]) == str(value)]
-    return [str(row[_find_column(row, column, path)]) for row in rows]
+        rows = [row for row in rows if str(row[_find_column(row, key, origin)]) == str(value)]
+    return [str(row[_find_column(row, column, origin)]) for row in rows]
 
 
-def _find_column(row: dict, column: str | None, where) -> str:
+def _find_column(row: dict, column: str | None, origin) -> str:
     if column is None:
-        raise ConfigError(f"prompt file '{where}' has columns {list(row)}; name one with `column`")
+        raise ConfigError(f"'{origin}' has columns {list(row)}; name one with `column`")
     for key in row:
         if key.lower() == column.lower():
             return key
-    raise ConfigError(f"'{where}' has no column '{column}'; it has {list(row)}")
+    raise ConfigError(f"'{origin}' has no column '{column}'; it has {list(row)}")
 
 
 def packaged_prompts(name: str, subset: str | None = None) -> list[str]:
@@ -97,7 +102,7 @@ class PromptSource:
     split: str = "train"
     packaged: str | None = None  # a set shipped with cna
     subset: str | None = None  # for packaged sets: "positive" or "negative"
-    where: dict | None = None  # for files: keep rows whose fields equal these values
+    where: dict | None = None  # keep only rows whose fields equal these values
 
 
 def load_prompts(source: PromptSource) -> list[str]:
@@ -117,11 +122,10 @@ def _hub_prompts(source: PromptSource) -> list[str]:
         rows = load_dataset(source.hub, source.config, split=source.split)
     except Exception as error:  # the hub raises many types; all mean "not available here"
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CnaError(f"cannot load dataset '{source.hub}' from the hub ({first_line}); "
+        missing = f"the file '{source.path}' does not exist and " if source.path else ""
+        raise CnaError(f"{missing}cannot load dataset '{source.hub}' from the hub ({first_line}); "
                        "set its `path` to a local file") from error
-    if source.column is None:
-        raise ConfigError(f"dataset '{source.hub}' has columns {rows.column_names}; name one with `column`")
-    return [str(row) for row in rows[_find_column(dict.fromkeys(rows.column_names), source.column, source.hub)]]
+    return _select(rows.to_list(), source.column, source.where, source.hub)
 
 
 def subsample(prompts: Sequence[str], n: int | None, seed: int = 0) -> list[str]:

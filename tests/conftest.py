@@ -8,13 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from cna.models import ArchitectureAdapter
-
-VOCAB = 64
-HIDDEN = 64
-INTERMEDIATE = 128
+from cna.tiny import HIDDEN, VOCAB, tiny_llama, write_tiny_model
 
 # Per-family config keys for a 2-layer model with hidden size 32 and 64 MLP neurons per layer.
 _COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -38,28 +35,6 @@ def tiny_model(model_type: str = "llama", seed: int = 0, **overrides) -> torch.n
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **{**FAMILY_CONFIGS[model_type], **overrides})
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
-
-
-def tiny_llama(seed: int = 0) -> torch.nn.Module:
-    return tiny_model("llama", seed, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=3,
-                      head_dim=16)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the tiny vocabulary ("w4 w17 ... yes no A B C D"), with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    words = ["yes", "no", "A", "B", "C", "D"]  # what the LLM judge and MMLU read
-    vocab = {token: i for i, token in enumerate(specials)}
-    vocab.update({f"w{i}": i for i in range(len(specials), VOCAB - len(words))})
-    vocab.update({word: VOCAB - len(words) + i for i, word in enumerate(words)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
-                                        eos_token="<eos>", unk_token="<unk>")
-    tokenizer.chat_template = "<bos>{% for m in messages %} {{ m['content'] }}{% endfor %} w4"
-    return tokenizer
 
 
 def random_prompts(n: int, seed: int, low: int = 5, high: int = 24) -> list[list[int]]:
@@ -127,10 +102,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory) -> Path:
     """The tiny Llama and tokenizer saved as an ordinary Hugging Face folder."""
-    folder = tmp_path_factory.mktemp("models") / "tiny"
-    tiny_llama().save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 def fetched_model(name: str) -> Path:

@@ -20,7 +20,8 @@ from cna.data import (
     subsample,
 )
 from cna.errors import ConfigError
-from conftest import data_dir, tiny_tokenizer
+from cna.tiny import tiny_tokenizer
+from conftest import data_dir
 
 
 def test_prompt_files_of_every_format_with_case_insensitive_columns(tmp_path):
@@ -155,6 +156,8 @@ def test_hub_datasets_load_through_datasets_with_any_column_case(tmp_path):
     (tmp_path / "repo" / "harmful.csv").write_text("Goal,Category\nfirst goal,a\nsecond goal,b\n")
     source = PromptSource(hub=str(tmp_path / "repo"), split="train", column="goal")
     assert load_prompts(source) == ["first goal", "second goal"]
+    filtered = PromptSource(hub=str(tmp_path / "repo"), split="train", column="goal", where={"category": "b"})
+    assert load_prompts(filtered) == ["second goal"]
     with pytest.raises(ConfigError, match="has no column 'prompt'"):
         load_prompts(PromptSource(hub=str(tmp_path / "repo"), split="train", column="prompt"))
 

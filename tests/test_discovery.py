@@ -16,7 +16,8 @@ from cna.discovery import (
 )
 from cna.errors import ConfigError
 from cna.models import ArchitectureAdapter
-from conftest import planted_model, random_prompts, tiny_llama
+from cna.tiny import tiny_llama
+from conftest import planted_model, random_prompts
 
 
 @pytest.fixture(scope="module")

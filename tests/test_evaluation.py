@@ -19,7 +19,8 @@ from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import generate
 from cna.interventions import NeuronScale
 from cna.models import ArchitectureAdapter
-from conftest import random_prompts, tiny_llama, tiny_tokenizer
+from cna.tiny import tiny_llama, tiny_tokenizer
+from conftest import random_prompts
 
 # --- refusal keywords -------------------------------------------------------------------------------------------
 

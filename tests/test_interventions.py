@@ -17,7 +17,8 @@ from cna.interventions import (
     export_baked_model,
 )
 from cna.models import ArchitectureAdapter
-from conftest import random_prompts, tiny_llama, tiny_tokenizer
+from cna.tiny import tiny_llama, tiny_tokenizer
+from conftest import random_prompts
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,136 @@
+"""Start-up validation of a composed job config: one line naming the key and what it expects.
+
+Everything here runs before a model loads, so a typo costs a second, not a model load.
+Checks that need the files (missing data, empty prompt sets, an evaluation size larger
+than its dataset) happen when the pipeline reads the data, also before the model loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cna.discovery import POSITIONS, SIGNS
+from cna.errors import ConfigError
+from cna.interventions import NEURON_MODES
+from cna.interventions import POSITIONS as STEER_POSITIONS
+from cna.models import DTYPES, MODEL_CACHE_ENV, QUANTIZATIONS
+
+METHODS = ("cna", "caa", "direction", "random")
+NEURON_METHODS = ("cna", "random")
+
+
+def _fail(key: str, expected: str, got) -> None:
+    raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+
+
+def _choice(cfg: DictConfig, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        _fail(key, f"one of {', '.join(map(str, choices))}", value)
+
+
+def _fraction(cfg: DictConfig, key: str, *, low_open: bool = True, allow_none: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, int | float) and (0 < value <= 1 if low_open else 0 <= value <= 1)
+    if not ok:
+        _fail(key, "a number in (0, 1]" if low_open else "a number in [0, 1]", value)
+
+
+def _count(cfg: DictConfig, key: str, *, allow_none: bool = True, minimum: int = 0) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        _fail(key, f"an integer >= {minimum}" + (" or null" if allow_none else ""), value)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError on the first bad value."""
+    _validate_model(cfg)
+    _validate_method(cfg)
+    _validate_sweep(cfg)
+    for key in ("prompts.n_positive", "prompts.n_negative"):
+        _count(cfg, key, minimum=1)
+    _fraction(cfg, "prompts.dedup_threshold")
+    _count(cfg, "eval.refusal.n", allow_none=False, minimum=1)
+    for key in ("eval.mmlu.n", "eval.mmlu.k_shot", "eval.kl.n", "eval.classifier_window"):
+        _count(cfg, key)
+    for name in (cfg.eval.over_refusal or {}):
+        _count(cfg, f"eval.over_refusal.{name}.n")
+    _count(cfg, "eval.quality_n", allow_none=False, minimum=1)
+    _count(cfg, "batch_size", allow_none=False, minimum=1)
+    _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
+    _choice(cfg, "logger.name", ("wandb", "none"))
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    model = cfg.model
+    _choice(cfg, "model.dtype", ("auto", *DTYPES))
+    _choice(cfg, "model.template", ("chat", "raw"))
+    if model.quantization is not None:
+        _choice(cfg, "model.quantization", (None, *QUANTIZATIONS))
+        if not torch.cuda.is_available():
+            _fail("model.quantization", "null on a machine without CUDA (bitsandbytes needs a GPU)",
+                  model.quantization)
+    if model.path is not None and not (Path(model.path).expanduser() / "config.json").is_file():
+        _fail("model.path", "a model folder with a config.json", model.path)
+    if model.path is None and _offline() and not _in_cache(model.local_name):
+        cache = os.environ.get(MODEL_CACHE_ENV, "(unset)")
+        raise ConfigError(
+            f"model: '{model.name}' is not in ${MODEL_CACHE_ENV} ({cache}) as '{model.local_name}' and the hub "
+            "is offline; set model.path or fetch it (../shared/models/fetch)"
+        )
+
+
+def _offline() -> bool:
+    return any(os.environ.get(flag, "").lower() in ("1", "true", "yes") for flag in ("HF_HUB_OFFLINE",
+                                                                                      "TRANSFORMERS_OFFLINE"))
+
+
+def _in_cache(local_name: str | None) -> bool:
+    cache = os.environ.get(MODEL_CACHE_ENV)
+    return bool(cache and local_name and (Path(cache).expanduser() / local_name / "config.json").is_file())
+
+
+def _validate_method(cfg: DictConfig) -> None:
+    _choice(cfg, "method.name", METHODS)
+    _choice(cfg, "method.position", POSITIONS)
+    _choice(cfg, "method.positions", STEER_POSITIONS)
+    if cfg.method.name in NEURON_METHODS:
+        if cfg.method.k is None:
+            _fraction(cfg, "method.k_fraction")
+        else:
+            _count(cfg, "method.k", allow_none=False, minimum=1)
+        _choice(cfg, "method.sign", SIGNS)
+        _choice(cfg, "method.mode", NEURON_MODES)
+        _fraction(cfg, "method.universal.top_fraction")
+        _fraction(cfg, "method.universal.threshold")
+        layers = cfg.method.layers
+        if layers is not None and (len(layers) != 2 or not all(isinstance(v, int) for v in layers)
+                                   or not 0 <= layers[0] < layers[1]):
+            _fail("method.layers", "null or [start, stop) with 0 <= start < stop", OmegaConf.to_object(layers))
+    else:
+        _fraction(cfg, "method.layer_fraction", low_open=False)
+        _count(cfg, "method.layer")
+
+
+def _validate_sweep(cfg: DictConfig) -> None:
+    if cfg.multipliers is not None:
+        if cfg.method.name not in NEURON_METHODS:
+            _fail("multipliers", f"null for method {cfg.method.name} (multipliers scale neurons)",
+                  OmegaConf.to_object(cfg.multipliers))
+        for i, value in enumerate(cfg.multipliers):
+            if not isinstance(value, int | float) or value < 0:
+                _fail(f"multipliers[{i}]", "a number >= 0", value)
+        return
+    if not cfg.alphas:
+        _fail("alphas", "a non-empty list of numbers in [0, 1]", cfg.alphas)
+    for i, value in enumerate(cfg.alphas):
+        if not isinstance(value, int | float) or not 0 <= value <= 1:
+            _fail(f"alphas[{i}]", "a number in [0, 1]", value)

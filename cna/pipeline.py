@@ -1,0 +1,355 @@
+"""One job: config -> data -> model -> statistics -> circuit -> steered evaluation -> files and W&B.
+
+Each stage returns a plain value; the run folder receives `circuit.json`, then
+after every strength point `results.json` (rewritten atomically) and the
+point's lines of `generations.jsonl`, so a job killed halfway keeps its finished
+points and a re-run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cna.cache import StatisticsCache, statistics_key
+from cna.circuit import Circuit, ResidualDirection, write_json_atomic
+from cna.config import NEURON_METHODS, validate
+from cna.data import (
+    PromptSource,
+    deduplicate,
+    encode_prompts,
+    load_prompts,
+    packaged_prompts,
+    prompt_sets_sha256,
+    subsample,
+)
+from cna.discovery import (
+    ActivationStatistics,
+    collect_statistics,
+    contrastive_scores,
+    layer_at_fraction,
+    random_circuit,
+    residual_direction,
+    select_circuit,
+    universal_neurons,
+)
+from cna.errors import ConfigError
+from cna.evaluation.kl import kl_divergence
+from cna.evaluation.mmlu import MmluQuestion, evaluate_mmlu, load_mmlu_folder, stratified_sample
+from cna.evaluation.refusal import KeywordRefusalClassifier, refusal_rate
+from cna.evaluation.responses import evaluate_responses
+from cna.evaluation.scoring import next_token_logprobs
+from cna.generation import eos_token_ids, generate
+from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector
+from cna.models import LoadedModel, ModelSpec, load_model
+from cna.report import run_plots
+from cna.tracking import Tracker, make_tracker
+
+log = logging.getLogger(__name__)
+
+RESULTS, CIRCUIT, GENERATIONS = "results.json", "circuit.json", "generations.jsonl"
+
+
+# --- data -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class JobData:
+    positive: list[str]
+    negative: list[str]
+    refusal: list[str]
+    over_refusal: dict[str, list[str]]
+    kl: list[str]
+    mmlu: list[MmluQuestion]
+    removed_duplicates: dict[str, int] = field(default_factory=dict)
+
+
+def _source(node) -> PromptSource:
+    return PromptSource(**OmegaConf.to_container(node, resolve=True))
+
+
+def _evaluation_set(node, key: str, seed: int) -> list[str]:
+    if not node.n:
+        return []
+    prompts = load_prompts(_source(node.source))
+    if node.n > len(prompts):
+        raise ConfigError(f"{key}.n: expected at most {len(prompts)} (the dataset's size), got {node.n}")
+    return subsample(prompts, node.n, seed)
+
+
+def load_job_data(cfg: DictConfig) -> JobData:
+    """Every prompt set the job needs, read (and checked) before any model loads."""
+    evaluation = cfg.eval
+    refusal = _evaluation_set(evaluation.refusal, "eval.refusal", cfg.seed)
+    over_refusal = {name: _evaluation_set(node, f"eval.over_refusal.{name}", cfg.seed)
+                    for name, node in (evaluation.over_refusal or {}).items()}
+    kl = _evaluation_set(evaluation.kl, "eval.kl", cfg.seed)
+    mmlu: list[MmluQuestion] = []
+    if evaluation.mmlu.n:
+        mmlu = stratified_sample(load_mmlu_folder(evaluation.mmlu.folder, "test"), evaluation.mmlu.n, cfg.seed)
+    sets, removed = {}, {}
+    for side in ("positive", "negative"):
+        prompts = load_prompts(_source(cfg.prompts[side]))
+        if cfg.prompts.dedup:
+            # Against the whole evaluation datasets, not only the sampled prompts.
+            held_out = load_prompts(_source(evaluation.refusal.source)) if evaluation.refusal.n else []
+            for node in (evaluation.over_refusal or {}).values():
+                held_out += load_prompts(_source(node.source)) if node.n else []
+            kept = deduplicate(prompts, held_out, cfg.prompts.dedup_threshold)
+            removed[side] = kept.removed
+            prompts = kept.kept
+        if not prompts:
+            raise ConfigError(f"prompts.{side}: the prompt set is empty")
+        count = cfg.prompts[f"n_{side}"]
+        if count is not None and count > len(prompts):
+            raise ConfigError(f"prompts.n_{side}: expected at most {len(prompts)} (after de-duplication), got {count}")
+        sets[side] = subsample(prompts, count, cfg.seed)
+    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed)
+
+
+# --- discovery and method ---------------------------------------------------------------------------------------
+
+@dataclass
+class Discovery:
+    positive: ActivationStatistics
+    negative: ActivationStatistics
+    diverse: ActivationStatistics | None
+
+
+def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache) -> Discovery:
+    template, method = cfg.model.template, cfg.method
+    neuron_method = method.name in NEURON_METHODS
+    identity = {"source": lm.source, "revision": cfg.model.revision, "dtype": str(next(lm.model.parameters()).dtype)}
+    site = f"{lm.adapter.model_type}:{lm.adapter.family.neuron_site}"
+
+    def statistics(prompts: list[str], desc: str, top_fraction: float | None = None) -> ActivationStatistics:
+        encoded = encode_prompts(lm.tokenizer, prompts, template)
+        key = statistics_key(model=identity, site=site, prompts=encoded, position=method.position,
+                             top_fraction=top_fraction)
+        return cache.get_or_compute(key, lambda: collect_statistics(
+            lm.adapter, encoded, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
+            position=method.position, top_fraction=top_fraction, desc=desc))
+
+    diverse = None
+    if neuron_method and method.universal.enabled:
+        diverse = statistics(packaged_prompts("diverse"), "diverse", method.universal.top_fraction)
+    return Discovery(statistics(data.positive, "positive"), statistics(data.negative, "negative"), diverse)
+
+
+def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobData,
+                 model_name: str) -> tuple[Intervention, Circuit | ResidualDirection]:
+    method, adapter = cfg.method, lm.adapter
+    prompts = {"positive": len(data.positive), "negative": len(data.negative),
+               "sha256": prompt_sets_sha256(data.positive, data.negative),
+               "duplicates_removed": data.removed_duplicates}
+    if method.name in NEURON_METHODS:
+        scores = contrastive_scores(found.positive, found.negative)
+        universal = None if found.diverse is None else universal_neurons(found.diverse, method.universal.threshold)
+        circuit = select_circuit(
+            scores, model=model_name, k_fraction=method.k_fraction, k=method.k, sign=method.sign,
+            layers=tuple(method.layers) if method.layers else None, universal=universal, prompts=prompts,
+            settings={"position": method.position, "mode": method.mode,
+                      "universal_threshold": method.universal.threshold if universal is not None else None,
+                      "universal_top_fraction": method.universal.top_fraction if universal is not None else None},
+        )
+        if method.name == "random":
+            circuit = random_circuit(circuit, scores, method.seed)
+        return NeuronScale(adapter, circuit, mode=method.mode, positions=method.positions), circuit
+    layer = method.layer if method.layer is not None else layer_at_fraction(adapter.n_layers, method.layer_fraction)
+    if not 0 <= layer < adapter.n_layers:
+        raise ConfigError(f"method.layer: expected a layer in [0, {adapter.n_layers}), got {layer}")
+    edited = [layer] if method.name == "caa" else list(range(adapter.n_layers))
+    settings = {"position": method.position, **({"scale": method.scale} if method.name == "caa" else {})}
+    direction = residual_direction(found.positive, found.negative, model=model_name, method=method.name,
+                                   source_layer=layer, layers=edited, prompts=prompts, settings=settings)
+    if method.name == "caa":
+        return SteeringVector(adapter, direction, scale=method.scale, positions=method.positions), direction
+    return DirectionAblation(adapter, direction, positions=method.positions), direction
+
+
+# --- the strength sweep -----------------------------------------------------------------------------------------
+
+def strength_points(cfg: DictConfig) -> list[tuple[float, float | None]]:
+    """(alpha, multiplier) per point; for neuron methods m = 1 - alpha (so m > 1 has alpha < 0)."""
+    if cfg.multipliers is not None:
+        return [(1.0 - float(m), float(m)) for m in cfg.multipliers]
+    neuron = cfg.method.name in NEURON_METHODS
+    return [(float(a), 1.0 - float(a) if neuron else None) for a in cfg.alphas]
+
+
+@contextmanager
+def _steered(intervention: Intervention, alpha: float, multiplier: float | None):
+    if multiplier is not None and isinstance(intervention, NeuronScale):
+        with intervention.multiply(multiplier):
+            yield
+    else:
+        with intervention.steer(alpha):
+            yield
+
+
+class Evaluator:
+    """Everything measured at one strength, under whatever intervention is active."""
+
+    def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData):
+        self.cfg, self.lm, self.data = cfg, lm, data
+        tokenizer = lm.tokenizer
+        self.encode = lambda prompts: encode_prompts(tokenizer, prompts, cfg.model.template)
+        self.greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(lm.model, tokenizer),
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        self.classifier = KeywordRefusalClassifier(window=cfg.eval.classifier_window)
+        self.kl_prompts = self.encode(data.kl) if data.kl else []
+        self.unsteered_logprobs = self._kl_logprobs() if data.kl else None
+
+    def _kl_logprobs(self):
+        return next_token_logprobs(self.lm.model, self.kl_prompts, pad_token_id=self.lm.tokenizer.pad_token_id,
+                                   batch_size=self.cfg.batch_size, desc="kl")
+
+    def _responses(self, prompts: list[str], desc: str) -> list[str]:
+        tokens = generate(self.lm.model, self.encode(prompts), desc=desc, **self.greedy)
+        return [self.lm.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+    def point(self, alpha: float, multiplier: float | None) -> tuple[dict, list[dict], dict[str, float]]:
+        """(results point, generation records, seconds per stage)."""
+        timings: dict[str, float] = {}
+        point: dict = {"alpha": alpha, "multiplier": multiplier}
+        records: list[dict] = []
+        with _timed(timings, "generation"):
+            refusal = evaluate_responses(self.data.refusal, self._responses(self.data.refusal, f"refusal a={alpha:g}"),
+                                         is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
+        point.update(refusal_rate=refusal.refusal.rate, refusal_ci95=list(refusal.refusal.ci95),
+                     quality=refusal.quality.mean, quality_ci95=list(refusal.quality.ci95),
+                     degenerate_rate=refusal.quality.degenerate_rate, n_prompts=refusal.refusal.n)
+        records += [{"alpha": alpha, "set": self.cfg.eval.refusal.name, **r} for r in refusal.records]
+        flags, per_set = [], {}
+        with _timed(timings, "over_refusal"):
+            for name, prompts in self.data.over_refusal.items():
+                if not prompts:
+                    continue
+                responses = self._responses(prompts, f"{name} a={alpha:g}")
+                judged = evaluate_responses(prompts, responses, is_refusal=self.classifier,
+                                            quality_n=self.cfg.eval.quality_n)
+                per_set[name] = {"rate": judged.refusal.rate, "ci95": list(judged.refusal.ci95), "n": judged.refusal.n}
+                flags += [r["refused"] for r in judged.records]
+                records += [{"alpha": alpha, "set": name, **r} for r in judged.records]
+        pooled = refusal_rate(flags) if flags else None
+        point.update(over_refusal_rate=pooled.rate if pooled else None,
+                     over_refusal_ci95=list(pooled.ci95) if pooled else None, over_refusal=per_set)
+        with _timed(timings, "mmlu"):
+            mmlu = evaluate_mmlu(self.lm.model, self.lm.tokenizer, self.data.mmlu, k_shot=self.cfg.eval.mmlu.k_shot,
+                                 batch_size=self.cfg.batch_size) if self.data.mmlu else None
+        point.update(mmlu_accuracy=mmlu.accuracy if mmlu else None, mmlu_ci95=list(mmlu.ci95) if mmlu else None)
+        with _timed(timings, "kl"):
+            kl = kl_divergence(self._kl_logprobs(), self.unsteered_logprobs) if self.kl_prompts else None
+        point["kl_divergence"] = kl
+        return point, records, timings
+
+
+# --- the job ----------------------------------------------------------------------------------------------------
+
+def config_sha256(cfg: DictConfig) -> str:
+    """What makes two jobs the same: the resolved config less bookkeeping keys."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("resume", "logger", "hydra"):
+        settings.pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 3)
+
+
+def _previous_results(run_dir: Path, sha: str) -> dict | None:
+    path = run_dir / RESULTS
+    if not path.is_file():
+        return None
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    return previous if previous.get("config_sha256") == sha else None
+
+
+def _keep_finished_generations(run_dir: Path, finished: set[float]) -> list[dict]:
+    """Drop generation lines of a point that died before its results were written; return the rest."""
+    path = run_dir / GENERATIONS
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = [record for record in records if record["alpha"] in finished]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return records
+
+
+def _plots(run_dir: Path) -> dict[str, Path]:
+    """The job's figures; a plotting problem is a warning, never a failed job."""
+    try:
+        return run_plots(run_dir)
+    except Exception as error:  # noqa: BLE001 - any matplotlib failure
+        log.warning("plots for %s failed: %s", run_dir, error)
+        return {}
+
+
+def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> dict:
+    """Run one job into `run_dir` and return its results (the content of results.json)."""
+    run_dir = Path(run_dir)
+    validate(cfg)
+    sha = config_sha256(cfg)
+    previous = _previous_results(run_dir, sha) if cfg.resume else None
+    if previous and previous.get("status") == "complete":
+        log.info("%s is complete for this config: skipped", run_dir / RESULTS)
+        return previous
+    timings: dict[str, float] = dict(previous["timings_s"]) if previous else {}
+    with _timed(timings, "data"):
+        data = load_job_data(cfg)
+    model_name = cfg.model.name
+    spec = ModelSpec(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "template"})
+    with _timed(timings, "load_model"):
+        lm = load_model(spec)
+    cache = StatisticsCache(cfg.cache_dir)
+    with _timed(timings, "discovery"):
+        found = discover(cfg, lm, data, cache)
+        intervention, artifact = build_method(cfg, lm, found, data, model_name)
+    artifact.save(run_dir / CIRCUIT)
+    done = {p["alpha"]: p for p in previous["points"]} if previous else {}
+    finished_records = _keep_finished_generations(run_dir, set(done))
+    results = {"model": model_name, "method": cfg.method.name, "status": "running", "config_sha256": sha,
+               "points": list(done.values()), "timings_s": timings,
+               "cache": {"hits": cache.hits, "misses": cache.misses}}
+    tracker: Tracker = make_tracker(cfg, run_dir=run_dir, group=group)
+    try:
+        tracker.log_circuit(run_dir / CIRCUIT)
+        tracker.log_generations(finished_records)
+        with _timed(timings, "kl_reference"):
+            evaluator = Evaluator(cfg, lm, data)
+        for alpha, multiplier in strength_points(cfg):
+            if alpha in done:
+                tracker.log_point(done[alpha])
+                continue
+            with _steered(intervention, alpha, multiplier):
+                point, records, point_timings = evaluator.point(alpha, multiplier)
+            for stage, seconds in point_timings.items():
+                timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
+            with (run_dir / GENERATIONS).open("a", encoding="utf-8") as lines:
+                lines.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            results["points"].append(point)
+            write_json_atomic(run_dir / RESULTS, results)
+            tracker.log_point(point)
+            tracker.log_generations(records)
+            log.info("alpha %g: refusal %.3f, quality %.3f", alpha, point["refusal_rate"], point["quality"])
+        results["status"] = "complete"
+        write_json_atomic(run_dir / RESULTS, results)
+        tracker.log_images(_plots(run_dir))
+        tracker.finish(results)
+    except BaseException:
+        tracker.finish(results, failed=True)
+        raise
+    return results

@@ -1,0 +1,117 @@
+"""Every config composes, and a bad value stops a job with one line naming its key, before a model loads."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cna.config import validate
+from cna.errors import ConfigError
+from cna.pipeline import load_job_data
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+PAPER_MODELS = [f"{family}_{size}{kind}" for family, sizes in (("llama3", ["1b", "3b", "8b", "70b"]),
+                                                                ("qwen", ["1_5b", "3b", "7b", "72b"]))
+                for size in sizes for kind in ("", "_base")]
+
+
+def composed(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_the_papers_sixteen_models_and_the_offline_ones_have_configs():
+    assert set(PAPER_MODELS) | {"smollm2_135m", "qwen_coder_0_5b", "gemma3_270m", "tiny_random"} == set(MODELS)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_config_composes_with_sensible_defaults(model):
+    cfg = composed(f"model={model}")
+    OmegaConf.resolve(cfg)
+    assert cfg.model.template == ("raw" if model.endswith("_base") or model == "gemma3_270m" else "chat")
+    if model.startswith(("llama3_70b", "qwen_72b")):
+        assert cfg.model.device_map == "auto"
+    assert cfg.model.dtype in ("auto", "float32")
+
+
+@pytest.mark.parametrize("method", ["cna", "caa", "direction", "random"])
+@pytest.mark.parametrize("prompts", ["refusal", "refusal_advbench", "refusal_paper8", "capitals", "sva"])
+def test_methods_and_prompt_sets_compose_and_validate(method, prompts, model_stub):
+    cfg = composed(f"method={method}", f"prompts={prompts}", "model=tiny_random")
+    validate_with(cfg, model_stub)
+    assert cfg.method.name == method
+
+
+@pytest.fixture
+def model_stub(tmp_path) -> Path:
+    """A folder that passes the model checks, so only the other keys are judged."""
+    (tmp_path / "stub").mkdir()
+    (tmp_path / "stub" / "config.json").write_text("{}")
+    return tmp_path / "stub"
+
+
+def validate_with(cfg, model_folder: Path) -> None:
+    cfg = cfg.copy()
+    cfg.model.path = str(model_folder)
+    validate(cfg)
+
+
+BAD_VALUES = [
+    (["method.k_fraction=0"], "method.k_fraction: expected a number in (0, 1], got 0"),
+    (["method.k_fraction=1.5"], "method.k_fraction: expected a number in (0, 1], got 1.5"),
+    (["method=cna", "method.name=steer"], "method.name: expected one of cna, caa, direction, random, got 'steer'"),
+    (["alphas=[0,1.5]"], "alphas[1]: expected a number in [0, 1], got 1.5"),
+    (["alphas=[-0.5]"], "alphas[0]: expected a number in [0, 1], got -0.5"),
+    (["multipliers=[1,-2]"], "multipliers[1]: expected a number >= 0, got -2"),
+    (["method=caa", "multipliers=[2]"], "multipliers: expected null for method caa"),
+    (["method.sign=both"], "method.sign: expected one of abs, positive, negative, got 'both'"),
+    (["method.mode=zero"], "method.mode: expected one of scale, mean, got 'zero'"),
+    (["method.universal.threshold=0"], "method.universal.threshold: expected a number in (0, 1], got 0"),
+    (["method.layers=[5,2]"], "method.layers: expected null or [start, stop)"),
+    (["prompts.n_positive=0"], "prompts.n_positive: expected an integer >= 1 or null, got 0"),
+    (["eval.refusal.n=-1"], "eval.refusal.n: expected an integer >= 1, got -1"),
+    (["batch_size=0"], "batch_size: expected an integer >= 1, got 0"),
+    (["model.dtype=float8"], "model.dtype: expected one of auto, float32, bfloat16, float16, got 'float8'"),
+    (["logger=none", "logger.name=mlflow"], "logger.name: expected one of wandb, none, got 'mlflow'"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_VALUES)
+def test_bad_values_are_one_line_errors_naming_the_key(overrides, message, model_stub):
+    cfg = composed(*overrides)
+    with pytest.raises(ConfigError) as error:
+        validate_with(cfg, model_stub)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_quantisation_without_cuda(monkeypatch, model_stub):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="model.quantization: expected null on a machine without CUDA"):
+        validate_with(composed("model=llama3_70b", "model.quantization=4bit"), model_stub)
+
+
+def test_missing_model_folder(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="model.path: expected a model folder with a config.json"):
+        validate(composed(f"model.path={tmp_path / 'absent'}"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CNA_MODEL_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match="model: 'meta-llama/Llama-3.2-1B-Instruct' is not in \\$CNA_MODEL_CACHE"):
+        validate(composed("model=llama3_1b"))
+
+
+def test_missing_data_file_empty_set_and_oversized_eval(tmp_path):
+    missing = composed(f"data_dir={tmp_path}", "eval.refusal.source.hub=null")
+    with pytest.raises(ConfigError, match="prompt file '.*jbb_behaviors/harmful-behaviors.csv' does not exist"):
+        load_job_data(missing)
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "one.txt").write_text("only prompt\n")
+    base = ["eval.mmlu.n=0", "eval.kl.n=0", "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0",
+            f"eval.refusal.source.path={tmp_path / 'one.txt'}", "eval.refusal.n=1", "prompts.dedup=false",
+            f"prompts.negative.path={tmp_path / 'one.txt'}", "prompts.n_negative=null", "prompts.n_positive=null"]
+    with pytest.raises(ConfigError, match="prompts.positive: the prompt set is empty"):
+        load_job_data(composed(*base, f"prompts.positive.path={tmp_path / 'empty.txt'}"))
+    with pytest.raises(ConfigError, match="eval.refusal.n: expected at most 100 \\(the dataset's size\\), got 101"):
+        load_job_data(composed("eval.refusal.n=101"))

@@ -1,0 +1,45 @@
+"""`python launch.py -m` through every launcher preset: a two-job tiny-model multirun, both jobs' results found."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import data_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["model=tiny_random", "logger=none", "eval.refusal.n=2", "eval.over_refusal.jbb_benign.n=2",
+         "eval.over_refusal.xstest_safe.n=0", "eval.mmlu.n=2", "eval.kl.n=2", "prompts.n_positive=4",
+         "prompts.n_negative=4", "max_new_tokens=2", "alphas=[0.0,1.0]"]
+
+
+def launch(tmp_path: Path, tiny_folder: Path, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CNA_TINY_MODEL": str(tiny_folder), "CNA_DATA_DIR": str(data_dir()),
+           "CNA_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "disabled"}
+    flags = ["-m"] if multirun else []
+    return subprocess.run([sys.executable, "launch.py", *flags, *SMALL, *overrides], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("launcher", ["local", "parallel", "submitit_cpu", "ray_local"])
+def test_a_two_job_multirun_finishes_both_jobs(tiny_folder, tmp_path, launcher):
+    sweep = tmp_path / "multirun"
+    done = launch(tmp_path, tiny_folder, f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}", "method=cna,caa",
+                  multirun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted(sweep.rglob("results.json"))
+    assert len(results) == 2
+    finished = {json.loads(path.read_text())["method"]: json.loads(path.read_text())["status"] for path in results}
+    assert finished == {"cna": "complete", "caa": "complete"}
+    # Each job's folder is named by its overrides, so re-running the sweep into the same folder resumes it.
+    assert sorted("method=cna" in path.parent.name for path in results) == [False, True]
+
+
+def test_a_bad_value_stops_the_run_with_one_line(tiny_folder, tmp_path):
+    done = launch(tmp_path, tiny_folder, "method.k_fraction=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "error: method.k_fraction: expected a number in (0, 1], got 2"
+    assert not (tmp_path / "run" / "results.json").exists()

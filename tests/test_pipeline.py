@@ -1,0 +1,101 @@
+"""A whole job on the tiny random model with the real data files: contract files, resume, statistics cache."""
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cna.pipeline import CIRCUIT, GENERATIONS, RESULTS, run
+from conftest import data_dir
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+POINT_KEYS = {"alpha", "multiplier", "refusal_rate", "refusal_ci95", "quality", "degenerate_rate", "mmlu_accuracy",
+              "kl_divergence", "over_refusal_rate", "n_prompts"}
+
+
+def small_job(tiny_folder: Path, cache: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[
+            "model=tiny_random", f"model.path={tiny_folder}", f"data_dir={data_dir()}", f"cache_dir={cache}",
+            "logger=none", "eval.refusal.n=4", "eval.over_refusal.jbb_benign.n=3", "eval.over_refusal.xstest_safe.n=2",
+            "eval.mmlu.n=5", "eval.kl.n=3", "prompts.n_positive=6", "prompts.n_negative=6", "max_new_tokens=4",
+            "batch_size=4", "alphas=[0.0,1.0]", *overrides])
+
+
+def generation_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / GENERATIONS).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method", ["cna", "caa", "direction", "random"])
+def test_a_job_writes_the_output_contract(tiny_folder, tmp_path, method):
+    neurons = ["method.k=6"] if method in ("cna", "random") else []
+    cfg = small_job(tiny_folder, tmp_path / "cache", f"method={method}", *neurons)
+    results = run(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / RESULTS).read_text())
+    assert saved == results and saved["status"] == "complete"
+    assert saved["model"] == "tiny-random" and saved["method"] == method
+    assert [p["alpha"] for p in saved["points"]] == [0.0, 1.0]
+    for point in saved["points"]:
+        assert set(point) >= POINT_KEYS and point["n_prompts"] == 4
+        assert point["mmlu_accuracy"] is not None and point["kl_divergence"] is not None
+        assert set(point["over_refusal"]) == {"jbb_benign", "xstest_safe"}
+    assert saved["points"][0]["kl_divergence"] == 0.0  # alpha = 0 is the unsteered model
+    assert {"data", "load_model", "discovery", "generation", "mmlu"} <= set(saved["timings_s"])
+    circuit = json.loads((tmp_path / "run" / CIRCUIT).read_text())
+    assert circuit["method"] == method
+    if method in ("cna", "random"):
+        assert circuit["k"] == 6 and len(circuit["neurons"]) == 6
+        assert saved["points"][1]["multiplier"] == 0.0
+    else:
+        assert "neurons" not in circuit and circuit["vector_norm"] > 0
+        assert saved["points"][1]["multiplier"] is None
+    assert (tmp_path / "run" / "refusal_quality_vs_alpha.png").read_bytes().startswith(b"\x89PNG")
+    lines = generation_lines(tmp_path / "run")
+    assert len(lines) == 2 * (4 + 3 + 2)
+    assert {"alpha", "prompt", "response", "refused", "quality"} <= set(lines[0])
+
+
+def test_discovery_prompts_are_deduplicated_against_the_evaluation_sets(tiny_folder, tmp_path):
+    cfg = small_job(tiny_folder, tmp_path / "cache", "prompts.n_positive=null", "alphas=[0.0]")
+    run(cfg, tmp_path / "run")
+    prompts = json.loads((tmp_path / "run" / CIRCUIT).read_text())["prompts"]
+    # harmful_train.json: 260 prompts, 1 exact and about 12 near copies of JBB goals.
+    assert 8 <= prompts["duplicates_removed"]["positive"] <= 20
+    assert prompts["positive"] == 260 - prompts["duplicates_removed"]["positive"]
+
+
+def test_a_complete_job_is_skipped_and_a_half_done_one_finishes(tiny_folder, tmp_path):
+    cfg = small_job(tiny_folder, tmp_path / "cache", "alphas=[0.0,0.5,1.0]")
+    run_dir = tmp_path / "run"
+    complete = run(cfg, run_dir)
+    # A second run of the same config does nothing.
+    stamp = (run_dir / RESULTS).stat().st_mtime_ns
+    assert run(cfg, run_dir) == complete and (run_dir / RESULTS).stat().st_mtime_ns == stamp
+    # Simulate a job killed while evaluating alpha = 1: its results stop after alpha = 0.5 and
+    # generations.jsonl holds some lines of the unfinished point.
+    results = json.loads((run_dir / RESULTS).read_text())
+    results["points"], results["status"] = results["points"][:2], "running"
+    (run_dir / RESULTS).write_text(json.dumps(results))
+    kept = [line for line in generation_lines(run_dir) if line["alpha"] != 1.0]
+    unfinished = [line for line in generation_lines(run_dir) if line["alpha"] == 1.0][:3]
+    (run_dir / GENERATIONS).write_text("".join(json.dumps(line) + "\n" for line in kept + unfinished))
+    resumed = run(cfg, run_dir)
+    assert resumed["status"] == "complete" and [p["alpha"] for p in resumed["points"]] == [0.0, 0.5, 1.0]
+    assert resumed["points"][:2] == complete["points"][:2]
+    assert len(generation_lines(run_dir)) == 3 * 9
+    # A changed config is a different job: it runs again from scratch.
+    changed = run(small_job(tiny_folder, tmp_path / "cache", "alphas=[0.0,1.0]"), run_dir)
+    assert [p["alpha"] for p in changed["points"]] == [0.0, 1.0]
+
+
+def test_a_k_sweep_reuses_the_cached_statistics(tiny_folder, tmp_path):
+    first = run(small_job(tiny_folder, tmp_path / "cache", "method.k=3", "alphas=[0.0]"), tmp_path / "a")
+    second = run(small_job(tiny_folder, tmp_path / "cache", "method.k=9", "method.universal.threshold=0.6",
+                           "alphas=[0.0]"), tmp_path / "b")
+    assert first["cache"] == {"hits": 0, "misses": 3}  # positive, negative, diverse
+    assert second["cache"] == {"hits": 3, "misses": 0}
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    changed_prompts = run(small_job(tiny_folder, tmp_path / "cache", "prompts.n_positive=5", "alphas=[0.0]"),
+                          tmp_path / "c")
+    assert changed_prompts["cache"] == {"hits": 2, "misses": 1}
