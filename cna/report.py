@@ -257,7 +257,7 @@ def _plot_metric(ax, runs: list[Run], colours: dict, key: str, ci_key: str | Non
         if ci is not None:
             ax.fill_between(x, ci[:, 0], ci[:, 1], color=colour, alpha=0.15, linewidth=0)
         drawn += 1
-    ax.set_xlabel("alpha (0 = unsteered, 1 = full ablation)")
+    ax.set_xlabel("alpha (0 = unsteered, 1 = full strength)")
     ax.grid(True, alpha=0.3)
     return drawn
 

@@ -115,3 +115,19 @@ def test_missing_data_file_empty_set_and_oversized_eval(tmp_path):
         load_job_data(composed(*base, f"prompts.positive.path={tmp_path / 'empty.txt'}"))
     with pytest.raises(ConfigError, match="eval.refusal.n: expected at most 100 \\(the dataset's size\\), got 101"):
         load_job_data(composed("eval.refusal.n=101"))
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_for_each_sweep_point(experiment, model_stub):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+        params = cfg.hydra.sweeper.params or {}
+        points = [[]]
+        for key, values in params.items():
+            points = [point + [f"{key}={value}"] for point in points for value in str(values).split(",")]
+        for point in points:
+            validate_with(compose("config", overrides=[f"experiment={experiment}", *point]), model_stub)
+    assert len(EXPERIMENTS) >= 6
