@@ -99,3 +99,23 @@ def test_a_k_sweep_reuses_the_cached_statistics(tiny_folder, tmp_path):
     changed_prompts = run(small_job(tiny_folder, tmp_path / "cache", "prompts.n_positive=5", "alphas=[0.0]"),
                           tmp_path / "c")
     assert changed_prompts["cache"] == {"hits": 2, "misses": 1}
+
+
+def test_what_reaches_wandb_equals_results_json(tiny_folder, tmp_path, monkeypatch):
+    from cna.tracking import read_offline_run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    cfg = small_job(tiny_folder, tmp_path / "cache", "logger=wandb", "logger.mode=auto", "alphas=[0.0,0.5,1.0]")
+    results = run(cfg, tmp_path / "run", group="multirun/test")
+    offline = read_offline_run(tmp_path / "run")  # no key: the run went offline by itself
+    points = [row for row in offline.history if "refusal_rate" in row]
+    assert [row["alpha"] for row in points] == [p["alpha"] for p in results["points"]]
+    for row, point in zip(points, results["points"], strict=True):
+        for key in ("refusal_rate", "quality", "kl_divergence", "mmlu_accuracy", "over_refusal_rate"):
+            assert row[key] == pytest.approx(point[key])
+    assert offline.summary["refusal_rate"] == pytest.approx(results["points"][-1]["refusal_rate"])
+    assert offline.group == "multirun/test" and offline.job_type == "cna"
+    assert offline.config["model"]["name"] == "tiny-random"
+    assert any(artifact.get("type") == "circuit" for artifact in offline.artifacts)
