@@ -8,7 +8,7 @@ export CNA_DATA_DIR ?= $(abspath $(SHARED)/data)
 
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup models lint test demo clean
+.PHONY: setup models lint test demo bench clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,11 @@ demo: setup
 		alphas=[0.0,1.0] hydra.run.dir=outputs/demo resume=false
 	$(BIN)/python -m cna.report outputs/demo
 	@cat outputs/demo/summary.md
+
+# Speed and memory ratios on the offline models (issue 5; in progress): benchmarks/results.json.
+bench: setup
+	$(BIN)/python $(SHARED)/models/fetch $(DEMO_MODEL)
+	$(BIN)/python benchmarks/bench.py --local-name $(DEMO_MODEL)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -14,44 +14,15 @@ import argparse
 import json
 import os
 import random
-import threading
 import time
 from pathlib import Path
 
 import torch
+from measure import PeakRss, rss_mib
 
 from cna.data import encode_prompts, packaged_prompts, read_prompt_file
 from cna.discovery import collect_statistics, contrastive_scores, select_circuit, universal_neurons
 from cna.models import ModelSpec, load_model
-
-
-def rss_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-class PeakRss:
-    """The highest resident set seen while the block runs."""
-
-    def __enter__(self):
-        self.peak = rss_mib()
-        self._running = True
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while self._running:
-            self.peak = max(self.peak, rss_mib())
-            time.sleep(0.005)
-
-    def __exit__(self, *_):
-        self._running = False
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib())
 
 
 def main() -> None:
