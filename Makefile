@@ -39,10 +39,9 @@ demo: setup
 	$(BIN)/python -m cna.report outputs/demo
 	@cat outputs/demo/summary.md
 
-# Speed and memory ratios on the offline models (issue 5; in progress): benchmarks/results.json.
-bench: setup
-	$(BIN)/python $(SHARED)/models/fetch $(DEMO_MODEL)
-	$(BIN)/python benchmarks/bench.py --local-name $(DEMO_MODEL)
+# Speed and memory ratios on the two offline models (about 40 min on 2 CPU cores): benchmarks/results.json.
+bench: models
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

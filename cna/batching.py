@@ -36,10 +36,22 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return width - 1 - attention_mask.flip(-1).argmax(-1)
 
 
-def length_sorted_batches(sequences: Sequence[Sequence[int]], batch_size: int) -> Iterator[list[int]]:
-    """Row indices in batches of similar length (longest first), to waste little compute on padding."""
+def length_sorted_batches(
+    sequences: Sequence[Sequence[int]], batch_size: int, max_tokens: int | None = None
+) -> Iterator[list[int]]:
+    """Row indices in batches of similar length (longest first), to waste little compute on padding.
+
+    With `max_tokens`, a batch also holds at most that many padded tokens (but always at least one
+    row): activation memory grows with batch x length, so a token budget bounds it.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i]), i))
-    for start in range(0, len(order), batch_size):
-        yield order[start : start + batch_size]
+    start = 0
+    while start < len(order):
+        longest = max(1, len(sequences[order[start]]))
+        rows = batch_size if max_tokens is None else max(1, min(batch_size, max_tokens // longest))
+        yield order[start : start + rows]
+        start += rows

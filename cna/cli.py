@@ -11,7 +11,13 @@ import time
 from pathlib import Path
 
 from cna.data import deduplicate, encode_prompts, packaged_prompts, prompt_sets_sha256, read_prompt_file
-from cna.discovery import collect_statistics, contrastive_scores, select_circuit, universal_neurons
+from cna.discovery import (
+    DISCOVERY_TOKEN_BUDGET,
+    collect_statistics,
+    contrastive_scores,
+    select_circuit,
+    universal_neurons,
+)
 from cna.errors import CnaError
 from cna.generation import eos_token_ids, generate
 from cna.interventions import NeuronScale
@@ -47,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     selection.add_argument("--threshold", type=float, default=0.8, help="universal filter: share of prompts")
     selection.add_argument("--no-filter", action="store_true", help="skip the universal-neuron filter")
     selection.add_argument("--batch-size", type=int, default=16)
+    selection.add_argument("--batch-tokens", type=int, default=DISCOVERY_TOKEN_BUDGET,
+                           help="most padded tokens per discovery batch (bounds activation memory)")
     show = discover.add_argument_group("side-by-side generations")
     show.add_argument("--show", help="file of prompts to generate for (default: the positive set)")
     show.add_argument("--show-column", default="goal")
@@ -84,7 +92,8 @@ def discover(args: argparse.Namespace) -> None:
           f"({adapter.model_type}), loaded in {time.perf_counter() - started:.1f} s")
 
     started = time.perf_counter()
-    collect = dict(pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size)
+    collect = dict(pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size,
+                   max_batch_tokens=args.batch_tokens)
     positive_stats = collect_statistics(adapter, encode_prompts(tokenizer, positive, args.template),
                                         desc="positive", **collect)
     negative_stats = collect_statistics(adapter, encode_prompts(tokenizer, negative, args.template),

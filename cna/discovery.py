@@ -29,6 +29,9 @@ from cna.models import ArchitectureAdapter
 
 POSITIONS = ("last", "mean")  # the token(s) whose activation stands for a prompt
 SIGNS = ("abs", "positive", "negative")
+# Padded tokens per discovery batch: activation memory grows with batch x length (the MLP
+# intermediates alone are 4 x tokens x neurons floats), so a budget bounds it (see BENCHMARKS.md).
+DISCOVERY_TOKEN_BUDGET = 256
 
 
 @dataclass
@@ -80,6 +83,7 @@ def collect_statistics(
     *,
     pad_token_id: int,
     batch_size: int = 16,
+    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
     position: str = "last",
     top_fraction: float | None = None,
     padding_side: str = "left",
@@ -131,7 +135,7 @@ def collect_statistics(
 
     hooks = [read_input(site, neuron_reader(i)) for i, site in enumerate(adapter.neuron_sites)]
     hooks += [read_output(layer, residual_reader(i)) for i, layer in enumerate(adapter.layers)]
-    batches = list(length_sorted_batches(prompts, batch_size))
+    batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
     with attached(hooks), torch.inference_mode():
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, padding_side)
@@ -211,13 +215,18 @@ def _ranking_score(delta: torch.Tensor, sign: str) -> torch.Tensor:
     return {"abs": delta.abs(), "positive": delta, "negative": -delta}[sign]
 
 
-def rank_neurons(delta: torch.Tensor, sign: str = "abs", layers: tuple[int, int] | None = None) -> torch.Tensor:
-    """Flat neuron ids (layer * neurons_per_layer + index), best first; ties by (layer, index)."""
+def rank_neurons(
+    delta: torch.Tensor, sign: str = "abs", layers: tuple[int, int | None] | None = None
+) -> torch.Tensor:
+    """Flat neuron ids (layer * neurons_per_layer + index), best first; ties by (layer, index).
+
+    `layers` is [start, stop); stop None means through the last layer.
+    """
     n_layers, width = delta.shape
     score = _ranking_score(delta, sign).flatten()
     candidates = torch.arange(score.numel())
     if layers is not None:
-        start, stop = layers
+        start, stop = layers[0], n_layers if layers[1] is None else layers[1]
         if not 0 <= start < stop <= n_layers:
             raise ConfigError(f"layer range [{start}, {stop}) is not within [0, {n_layers})")
         candidates = candidates[start * width : stop * width]

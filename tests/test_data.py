@@ -85,6 +85,15 @@ def test_batches_group_similar_lengths_and_cover_every_prompt():
     assert batches == [[1, 3], [4, 0], [2]]
 
 
+def test_token_budget_bounds_padded_tokens_per_batch():
+    sequences = [[1] * n for n in [3, 9, 1, 7, 5, 2]]
+    batches = list(length_sorted_batches(sequences, 4, max_tokens=10))
+    # 9 and 7 alone (2 x 7 > 10); 5 with 3 (2 x 5 <= 10); then 2 and 1.
+    assert batches == [[1], [3], [4, 0], [5, 2]]
+    assert all(len(rows) * max(len(sequences[i]) for i in rows) <= 10 for rows in batches)
+    assert list(length_sorted_batches([[1] * 50], 4, max_tokens=10)) == [[0]]  # a long row still gets a batch
+
+
 def test_packaged_sets_for_the_papers_three_tasks():
     for name in ("refusal_paper8", "capitals", "sva"):
         positive = packaged_prompts(name, "positive")

@@ -88,12 +88,13 @@ def random_model_adapter():
 
 
 @pytest.mark.parametrize("position", ["last", "mean"])
-def test_statistics_do_not_depend_on_padding_side_or_batch_size(random_model_adapter, position):
+def test_statistics_do_not_depend_on_padding_side_batch_size_or_token_budget(random_model_adapter, position):
     prompts = random_prompts(16, seed=4)
     runs = [
         collect_statistics(random_model_adapter, prompts, pad_token_id=0, batch_size=batch, padding_side=side,
-                           position=position, top_fraction=0.05, progress=False)
-        for side, batch in [("left", 16), ("right", 16), ("left", 1), ("right", 5)]
+                           max_batch_tokens=budget, position=position, top_fraction=0.05, progress=False)
+        for side, batch, budget in [("left", 16, None), ("right", 16, None), ("left", 1, None), ("right", 5, None),
+                                    ("left", 16, 30)]
     ]
     reference = runs[0]
     for other in runs[1:]:
