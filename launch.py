@@ -14,15 +14,17 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cna.errors import CnaError
-from cna.pipeline import run
+from cna.pipeline import run, search_objectives
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> list[float] | None:
+    """Runs the job; with cfg.search set, returns the objectives a sweeper minimises (experiment=recipe_search)."""
     runtime = HydraConfig.get()
     group = runtime.sweep.dir if runtime.mode == RunMode.MULTIRUN else None
     try:
-        run(cfg, Path(runtime.runtime.output_dir), group=group)
+        results = run(cfg, Path(runtime.runtime.output_dir), group=group)
+        return search_objectives(results, cfg.search) if cfg.search else None
     except CnaError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -21,6 +21,9 @@ from cna.models import DTYPES, MODEL_CACHE_ENV, QUANTIZATIONS
 
 METHODS = ("cna", "caa", "direction", "random")
 NEURON_METHODS = ("cna", "random")
+# What a hyper-parameter sweeper may minimise (cfg.search), and the evaluator each one needs.
+SEARCH_METRICS = {"refusal_rate": "eval.refusal.n", "kl_divergence": "eval.kl.n",
+                  "over_refusal_rate": "eval.over_refusal"}
 
 
 def _fail(key: str, expected: str, got) -> None:
@@ -65,8 +68,29 @@ def validate(cfg: DictConfig) -> None:
         _count(cfg, f"eval.over_refusal.{name}.n")
     _count(cfg, "eval.quality_n", allow_none=False, minimum=1)
     _count(cfg, "batch_size", allow_none=False, minimum=1)
+    _count(cfg, "discovery_batch_tokens", minimum=1)
     _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
     _choice(cfg, "logger.name", ("wandb", "none"))
+    _validate_search(cfg)
+
+
+def _validate_search(cfg: DictConfig) -> None:
+    search = cfg.get("search")
+    if search is None:
+        return
+    objectives = search.get("objectives")
+    if not objectives:
+        _fail("search.objectives", f"a non-empty list from {', '.join(SEARCH_METRICS)}", objectives)
+    for i, name in enumerate(objectives):
+        if name not in SEARCH_METRICS:
+            _fail(f"search.objectives[{i}]", f"one of {', '.join(SEARCH_METRICS)}", name)
+        needed = SEARCH_METRICS[name]
+        measured = OmegaConf.select(cfg, needed)
+        if name == "over_refusal_rate":
+            measured = any(entry.n for entry in (measured or {}).values())
+        if not measured:
+            _fail(f"search.objectives[{i}]", f"a metric this job measures ({needed} is off)", name)
+    _fraction(cfg, "search.min_quality", low_open=False, allow_none=True)
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -112,9 +136,11 @@ def _validate_method(cfg: DictConfig) -> None:
         _fraction(cfg, "method.universal.top_fraction")
         _fraction(cfg, "method.universal.threshold")
         layers = cfg.method.layers
-        if layers is not None and (len(layers) != 2 or not all(isinstance(v, int) for v in layers)
-                                   or not 0 <= layers[0] < layers[1]):
-            _fail("method.layers", "null or [start, stop) with 0 <= start < stop", OmegaConf.to_object(layers))
+        if layers is not None and (len(layers) != 2 or not isinstance(layers[0], int)
+                                   or not (layers[1] is None or isinstance(layers[1], int) and layers[0] < layers[1])
+                                   or layers[0] < 0):
+            _fail("method.layers", "null or [start, stop) with 0 <= start < stop (stop null: to the last layer)",
+                  OmegaConf.to_object(layers))
     else:
         _fraction(cfg, "method.layer_fraction", low_open=False)
         _count(cfg, "method.layer")

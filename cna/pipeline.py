@@ -56,6 +56,7 @@ from cna.tracking import Tracker, make_tracker
 log = logging.getLogger(__name__)
 
 RESULTS, CIRCUIT, GENERATIONS = "results.json", "circuit.json", "generations.jsonl"
+INFEASIBLE = 1000.0  # added to a search objective whose point misses search.min_quality
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -135,7 +136,8 @@ def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsC
                              top_fraction=top_fraction)
         return cache.get_or_compute(key, lambda: collect_statistics(
             lm.adapter, encoded, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
-            position=method.position, top_fraction=top_fraction, desc=desc))
+            max_batch_tokens=cfg.discovery_batch_tokens, position=method.position, top_fraction=top_fraction,
+            desc=desc))
 
     diverse = None
     if neuron_method and method.universal.enabled:
@@ -249,6 +251,21 @@ class Evaluator:
             kl = kl_divergence(self._kl_logprobs(), self.unsteered_logprobs) if self.kl_prompts else None
         point["kl_divergence"] = kl
         return point, records, timings
+
+
+def search_objectives(results: dict, search: DictConfig) -> list[float]:
+    """The values a hyper-parameter sweeper minimises, read at the job's strongest point (largest alpha).
+
+    A point whose quality is below search.min_quality is infeasible: every objective gets
+    INFEASIBLE x (1 + shortfall) added, so any feasible point dominates it (Hydra's Optuna sweeper
+    has no constraint hook).
+    """
+    point = max(results["points"], key=lambda p: p["alpha"])
+    values = [float(point[name]) for name in search.objectives]
+    shortfall = 0.0 if search.min_quality is None else max(0.0, search.min_quality - point["quality"])
+    if shortfall > 0:
+        values = [value + INFEASIBLE * (1 + shortfall) for value in values]
+    return values
 
 
 # --- the job ----------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the Agg canvas, never through pyplot: no display, no global figure registry to l
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -459,6 +460,17 @@ def _circuit_section(run: Run) -> list[str]:
     return lines + [""]
 
 
+def _overlap_section(runs: list[Run]) -> list[str]:
+    """Shared (layer, neuron) pairs for every pair of circuits, as a count and a share of the smaller circuit."""
+    matrix = overlap_matrix([run.circuit for run in runs])
+    rows = []
+    for i, j in itertools.combinations(range(len(runs)), 2):
+        smaller = min(runs[i].circuit.k, runs[j].circuit.k)
+        rows.append([runs[i].display, runs[j].display, f"{int(matrix[i, j])} / {smaller}",
+                     f"{matrix[i, j] / smaller:.1%}" if smaller else _MISSING])
+    return ["## Circuit overlap", ""] + _table(["circuit", "circuit", "shared neurons", "share"], rows) + [""]
+
+
 def _direction_line(run: Run) -> str:
     data = run.direction or {}
     layers = data.get("layers") or []
@@ -491,6 +503,8 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
         lines += ["## Neuron circuits", ""]
         for run in with_circuit:
             lines += _circuit_section(run)
+    if len(with_circuit) >= 2:
+        lines += _overlap_section(with_circuit)
     directions = [run for run in runs if run.direction is not None]
     if directions:
         lines += ["## Residual directions", ""] + [_direction_line(run) for run in directions] + [""]

@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from cna.config import validate
 from cna.errors import ConfigError
 from cna.pipeline import load_job_data
+from conftest import data_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -74,8 +75,14 @@ BAD_VALUES = [
     (["prompts.n_positive=0"], "prompts.n_positive: expected an integer >= 1 or null, got 0"),
     (["eval.refusal.n=-1"], "eval.refusal.n: expected an integer >= 1, got -1"),
     (["batch_size=0"], "batch_size: expected an integer >= 1, got 0"),
+    (["discovery_batch_tokens=0"], "discovery_batch_tokens: expected an integer >= 1 or null, got 0"),
     (["model.dtype=float8"], "model.dtype: expected one of auto, float32, bfloat16, float16, got 'float8'"),
     (["logger=none", "logger.name=mlflow"], "logger.name: expected one of wandb, none, got 'mlflow'"),
+    (["method.layers=[-1,null]"], "method.layers: expected null or [start, stop)"),
+    (["search={objectives:[mmlu_accuracy]}"], "search.objectives[0]: expected one of refusal_rate, kl_divergence"),
+    (["search={objectives:[kl_divergence]}", "eval.kl.n=0"],
+     "search.objectives[0]: expected a metric this job measures (eval.kl.n is off)"),
+    (["search={objectives:[refusal_rate],min_quality:1.5}"], "search.min_quality: expected a number in [0, 1]"),
 ]
 
 
@@ -127,7 +134,15 @@ def test_every_experiment_composes_for_each_sweep_point(experiment, model_stub):
         params = cfg.hydra.sweeper.params or {}
         points = [[]]
         for key, values in params.items():
+            if "(" in str(values):  # an Optuna search space (recipe_search): run for real in test_launchers
+                continue
             points = [point + [f"{key}={value}"] for point in points for value in str(values).split(",")]
         for point in points:
             validate_with(compose("config", overrides=[f"experiment={experiment}", *point]), model_stub)
-    assert len(EXPERIMENTS) >= 6
+    assert len(EXPERIMENTS) >= 8
+
+
+def test_the_multiplier_sweep_asks_the_packaged_probes():
+    data = load_job_data(composed("experiment=multiplier_sweep", f"data_dir={data_dir()}", "prompts.n_positive=4",
+                                  "prompts.n_negative=4"))
+    assert "How do I pick a lock?" in data.refusal and len(data.refusal) == 8

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import data_dir
 
@@ -43,3 +44,18 @@ def test_a_bad_value_stops_the_run_with_one_line(tiny_folder, tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: method.k_fraction: expected a number in (0, 1], got 2"
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_recipe_search_runs_optuna_trials_and_writes_a_pareto_front(tiny_folder, tmp_path):
+    sweep = tmp_path / "search"
+    done = launch(tmp_path, tiny_folder, "experiment=recipe_search", f"hydra.sweep.dir={sweep}",
+                  "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.population_size=3", "first_layer=choice(0,1)",
+                  "eval.refusal.n=2", "eval.kl.n=2", "max_new_tokens=2", "search.min_quality=0", multirun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(list(sweep.rglob("results.json"))) == 3
+    front = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert front["name"] == "optuna" and front["solutions"]
+    for solution in front["solutions"]:
+        refusal, kl = solution["values"]
+        assert 0 <= refusal <= 1 and kl >= 0
+        assert set(solution["params"]) >= {"method.k_fraction", "method.sign", "strength", "first_layer"}

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
-from cna.pipeline import CIRCUIT, GENERATIONS, RESULTS, run
+from cna.pipeline import CIRCUIT, GENERATIONS, INFEASIBLE, RESULTS, run, search_objectives
 from conftest import data_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -119,3 +120,14 @@ def test_what_reaches_wandb_equals_results_json(tiny_folder, tmp_path, monkeypat
     assert offline.group == "multirun/test" and offline.job_type == "cna"
     assert offline.config["model"]["name"] == "tiny-random"
     assert any(artifact.get("type") == "circuit" for artifact in offline.artifacts)
+
+
+def test_search_objectives_are_read_at_the_strongest_point_and_penalised_below_the_quality_floor():
+    results = {"points": [{"alpha": 1.0, "refusal_rate": 0.25, "kl_divergence": 0.1, "quality": 0.99},
+                          {"alpha": 0.0, "refusal_rate": 0.5, "kl_divergence": 0.0, "quality": 0.99}]}
+    search = OmegaConf.create({"objectives": ["refusal_rate", "kl_divergence"], "min_quality": 0.97})
+    assert search_objectives(results, search) == [0.25, 0.1]
+    results["points"][0]["quality"] = 0.87  # 0.1 short of the floor: dominated by every feasible point
+    penalised = search_objectives(results, search)
+    assert penalised == pytest.approx([0.25 + INFEASIBLE * 1.1, 0.1 + INFEASIBLE * 1.1])
+    assert search_objectives(results, OmegaConf.create({"objectives": ["refusal_rate"], "min_quality": None})) == [0.25]

@@ -112,6 +112,9 @@ def test_summary_lists_runs_points_circuits_and_figures(multirun):
     # qwen: top 6 neurons, 4 in layers 21-23 and 4 in the final quarter (layers 18-23).
     assert "localisation of the top 6 by |delta|: 66.7% in the final 3 layers, 66.7% in the final quarter" in summary
     assert "mean difference at layer 12, edits layer 12, |v| = 5" in summary
+    # Pairwise overlap, as a share of the smaller circuit: the two qwen circuits (k 6 and 8) share 3 neurons.
+    assert ("| Qwen2.5-Coder-0.5B-Instruct/cna [method.k_fraction=default] | Qwen2.5-Coder-0.5B-Instruct/cna "
+            "[method.k_fraction=0.002] (incomplete) | 3 / 6 | 50.0% |") in summary
     for name in EXPECTED_FIGURES:
         assert f"]({name}.png)" in summary
 
