@@ -33,8 +33,9 @@ _LABEL_EXCLUDED_KEYS = {"model", "method", "resume", "logger"}
 _MARKERS = {"cna": "o", "caa": "s", "direction": "^", "random": "x"}
 _MISSING = "n/a"
 
-FIGURES = ("refusal_quality_vs_alpha", "mmlu_vs_alpha", "kl_vs_alpha", "over_refusal_vs_alpha", "layer_histogram",
-           "circuit_overlap")
+FIGURES = ("refusal_quality_vs_alpha", "mmlu_vs_alpha", "kl_vs_alpha", "over_refusal_vs_alpha", "refusal_vs_kl",
+           "layer_histogram", "circuit_overlap")
+QUALITY_FLOOR = 0.97  # the paper's bar for "output quality kept": hollow markers in refusal_vs_kl fall below it
 
 
 class NoRunsError(CnaError):
@@ -271,8 +272,14 @@ def _legend(fig: Figure, axes) -> None:
                 handles.append(handle)
                 labels.append(label)
     if handles:
-        fig.legend(handles, [_short(label) for label in labels], loc="outside lower center", fontsize=8,
-                   frameon=False, ncol=2 if len(handles) > 3 else len(handles))
+        # Say once what every label shares (the model), and drop the "method." of override keys, so that the
+        # settings that tell runs apart survive the cut to legend width.
+        models = {label.split("/", 1)[0] for label in labels}
+        shared = f"{models.pop()}/" if len(models) == 1 and len(labels) > 1 else ""
+        texts = [_short(label.removeprefix(shared).replace("method.", "")) for label in labels]
+        fig.legend(handles, texts, loc="outside lower center", fontsize=8, frameon=False,
+                   ncol=2 if len(handles) > 3 else len(handles), title=shared.rstrip("/") or None,
+                   title_fontsize=8)
 
 
 def _short(label: str, width: int = 60) -> str:
@@ -311,6 +318,33 @@ def plot_single_metric(runs: list[Run], path: Path, key: str, ci_key: str | None
     ax.set(title=title, ylabel=ylabel)
     if unit_range:
         ax.set_ylim(-0.03, 1.03)
+    _legend(fig, ax)
+    return _save(fig, path)
+
+
+def _steered_points(runs: list[Run]) -> list[tuple[Run, dict]]:
+    return [(run, point) for run in runs for point in run.points
+            if point.get("alpha") and _number(point.get("kl_divergence")) and _number(point.get("refusal_rate"))]
+
+
+def plot_refusal_vs_kl(runs: list[Run], path: Path) -> Path:
+    """The trade-off a recipe search optimises: every steered point's refusal (95% CI) against its KL."""
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.subplots()
+    colours = _colours(runs)
+    for run, point in _steered_points(runs):
+        colour = colours[id(run)]
+        ci = point.get("refusal_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(_number, ci)):
+            ax.errorbar(point["kl_divergence"], point["refusal_rate"], color=colour, linewidth=0.8,
+                        yerr=[[point["refusal_rate"] - ci[0]], [ci[1] - point["refusal_rate"]]])
+        kept = _number(point.get("quality")) and point["quality"] >= QUALITY_FLOOR
+        ax.plot(point["kl_divergence"], point["refusal_rate"], marker=_MARKERS.get(run.method, "D"), markersize=7,
+                color=colour, markerfacecolor=colour if kept else "white", linestyle="none",
+                label=run.display if len(run.points) == 1 else f"{run.display} a={point['alpha']:g}")
+    ax.set(title=f"Refusal vs KL at each steered point (hollow: quality < {QUALITY_FLOOR})",
+           xlabel="KL(steered || unsteered), next token (nats)", ylabel="refusal rate", ylim=(-0.03, 1.03))
+    ax.grid(True, alpha=0.3)
     _legend(fig, ax)
     return _save(fig, path)
 
@@ -395,6 +429,8 @@ def draw_figures(runs: list[Run], out: Path) -> dict[str, Path]:
         figure("over_refusal_vs_alpha", lambda p: plot_single_metric(runs, p, "over_refusal_rate", "over_refusal_ci95",
                                                                      "Over-refusal on benign prompts (95% CI)",
                                                                      "refusal rate"))
+    if len(_steered_points(runs)) >= 2:
+        figure("refusal_vs_kl", lambda p: plot_refusal_vs_kl(runs, p))
     if neuron_runs(runs):
         figure("layer_histogram", lambda p: plot_layer_histogram(runs, p))
     if len(neuron_runs(runs)) >= 2:

@@ -26,7 +26,7 @@ KNOWN = {"alpha": 0.5, "multiplier": 0.5, "refusal_rate": 0.42, "refusal_ci95": 
                                                                            "n": 100}},
          "mmlu_accuracy": 0.455, "mmlu_ci95": [0.4242, 0.4861], "kl_divergence": 0.01234}
 EXPECTED_FIGURES = {"refusal_quality_vs_alpha", "mmlu_vs_alpha", "kl_vs_alpha", "over_refusal_vs_alpha",
-                    "layer_histogram", "circuit_overlap"}
+                    "refusal_vs_kl", "layer_histogram", "circuit_overlap"}
 
 
 def make_point(alpha: float, neuron: bool, refusal: float) -> dict:
