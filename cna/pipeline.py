@@ -262,7 +262,8 @@ def search_objectives(results: dict, search: DictConfig) -> list[float]:
     """
     point = max(results["points"], key=lambda p: p["alpha"])
     values = [float(point[name]) for name in search.objectives]
-    shortfall = 0.0 if search.min_quality is None else max(0.0, search.min_quality - point["quality"])
+    floor = search.get("min_quality")
+    shortfall = 0.0 if floor is None else max(0.0, floor - point["quality"])
     if shortfall > 0:
         values = [value + INFEASIBLE * (1 + shortfall) for value in values]
     return values
