@@ -327,11 +327,33 @@ def _steered_points(runs: list[Run]) -> list[tuple[Run, dict]]:
             if point.get("alpha") and _number(point.get("kl_divergence")) and _number(point.get("refusal_rate"))]
 
 
+def pareto_front(runs: list[Run], quality_floor: float = QUALITY_FLOOR) -> list[tuple[Run, dict]]:
+    """The steered points no other point beats on both refusal and KL, among those at quality >= the floor.
+
+    A point is dominated when another has refusal <= and KL <= with one of them strictly lower; the front
+    comes back sorted by KL (refusal falling along it).
+    """
+    feasible = [(run, point) for run, point in _steered_points(runs)
+                if _number(point.get("quality")) and point["quality"] >= quality_floor]
+
+    def dominates(a: dict, b: dict) -> bool:
+        return (a["refusal_rate"] <= b["refusal_rate"] and a["kl_divergence"] <= b["kl_divergence"]
+                and (a["refusal_rate"] < b["refusal_rate"] or a["kl_divergence"] < b["kl_divergence"]))
+
+    front = [(run, point) for run, point in feasible if not any(dominates(other, point) for _, other in feasible)]
+    return sorted(front, key=lambda item: (item[1]["kl_divergence"], item[1]["refusal_rate"]))
+
+
 def plot_refusal_vs_kl(runs: list[Run], path: Path) -> Path:
-    """The trade-off a recipe search optimises: every steered point's refusal (95% CI) against its KL."""
+    """The trade-off a recipe search optimises: every steered point's refusal (95% CI) against its KL,
+    with the Pareto front of the points at quality >= QUALITY_FLOOR as a dashed staircase."""
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     colours = _colours(runs)
+    front = pareto_front(runs)
+    if len(front) >= 2:
+        ax.step([p["kl_divergence"] for _, p in front], [p["refusal_rate"] for _, p in front], where="post",
+                color="0.4", linestyle="--", linewidth=1, label=f"Pareto front (quality >= {QUALITY_FLOOR})")
     for run, point in _steered_points(runs):
         colour = colours[id(run)]
         ci = point.get("refusal_ci95")
@@ -541,6 +563,12 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
             lines += _circuit_section(run)
     if len(with_circuit) >= 2:
         lines += _overlap_section(with_circuit)
+    front = pareto_front(runs)
+    if len(_steered_points(runs)) >= 2:
+        lines += [f"## Pareto front: refusal vs KL at quality >= {QUALITY_FLOOR}", ""]
+        lines += (_table(_TABLE_HEADER + ["folder"], [point_row(run, point) + [_folder_name(run.path, folder)]
+                                                      for run, point in front])
+                  if front else [f"No steered point keeps quality >= {QUALITY_FLOOR}."]) + [""]
     directions = [run for run in runs if run.direction is not None]
     if directions:
         lines += ["## Residual directions", ""] + [_direction_line(run) for run in directions] + [""]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cna.circuit import Circuit, Neuron, ResidualDirection
-from cna.report import NoRunsError, find_runs, main, overlap_matrix, point_row, run_plots, write_report
+from cna.report import NoRunsError, find_runs, main, overlap_matrix, pareto_front, point_row, run_plots, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QWEN, SMOL = "Qwen/Qwen2.5-Coder-0.5B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -224,3 +224,24 @@ def test_overlap_matrix_is_symmetric_with_k_on_the_diagonal():
     assert (matrix == matrix.T).all()
     assert np.diag(matrix).tolist() == [6, 8, 4]
     assert matrix[0, 2] == 1 and matrix[1, 2] == 1
+
+
+def test_pareto_front_keeps_the_undominated_points_above_the_quality_floor(tmp_path):
+    def point(alpha, refusal, kl, quality):
+        return {"alpha": alpha, "refusal_rate": refusal, "kl_divergence": kl, "quality": quality}
+
+    make_run(tmp_path, QWEN, "cna", ["method=cna"], points=[
+        point(0.0, 0.5, 0.0, 0.99),    # unsteered: never on the front
+        point(0.5, 0.4, 0.1, 0.99),    # front
+        point(1.0, 0.1, 0.5, 0.99)])   # front
+    make_run(tmp_path, QWEN, "caa", ["method=caa"], points=[
+        point(0.5, 0.4, 0.2, 0.99),    # dominated: same refusal, more KL
+        point(1.0, 0.05, 0.3, 0.90)])  # would dominate, but below the quality floor
+    make_run(tmp_path, QWEN, "direction", ["method=direction"], points=[point(1.0, 0.2, 0.3, 0.98)])  # front
+    runs, _ = find_runs(tmp_path)
+    front = [(run.method, point["alpha"]) for run, point in pareto_front(runs)]
+    assert front == [("cna", 0.5), ("direction", 1.0), ("cna", 1.0)]
+    assert [run.method for run, _ in pareto_front(runs, quality_floor=0.5)] == ["cna", "caa"]
+    summary = write_report(tmp_path)["summary"].read_text()
+    section = summary.split("## Pareto front: refusal vs KL at quality >= 0.97")[1].split("## ")[0]
+    assert section.count("| method=") == 3 and "| method=caa |" not in section
