@@ -563,8 +563,8 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
             lines += _circuit_section(run)
     if len(with_circuit) >= 2:
         lines += _overlap_section(with_circuit)
-    front = pareto_front(runs)
     if len(_steered_points(runs)) >= 2:
+        front = pareto_front(runs)
         lines += [f"## Pareto front: refusal vs KL at quality >= {QUALITY_FLOOR}", ""]
         lines += (_table(_TABLE_HEADER + ["folder"], [point_row(run, point) + [_folder_name(run.path, folder)]
                                                       for run, point in front])
