@@ -14,6 +14,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from cna.errors import CnaError
+from cna.judge import judge_group_overrides
 from cna.pipeline import run, search_objectives
 
 
@@ -31,4 +32,5 @@ def main(cfg: DictConfig) -> list[float] | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = judge_group_overrides(sys.argv[1:])  # `eval.judge=NAME` selects the judge's config file
     main()

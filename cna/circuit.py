@@ -168,17 +168,21 @@ def localisation(circuit: Circuit, top_n: int = 200) -> dict:
     }
 
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write a file so that a killed process leaves the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2)
-            out.write("\n")
+            out.write(text)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, data: dict) -> Path:
+    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
+    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -72,6 +72,7 @@ def validate(cfg: DictConfig) -> None:
     _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
     _choice(cfg, "logger.name", ("wandb", "none"))
     _validate_search(cfg)
+    validate_judge(cfg)
 
 
 def _validate_search(cfg: DictConfig) -> None:
@@ -91,6 +92,32 @@ def _validate_search(cfg: DictConfig) -> None:
         if not measured:
             _fail(f"search.objectives[{i}]", f"a metric this job measures ({needed} is off)", name)
     _fraction(cfg, "search.min_quality", low_open=False, allow_none=True)
+
+
+def validate_judge(cfg: DictConfig) -> None:
+    """The `eval.judge` node: which judge, which backend, and the numbers each needs."""
+    from cna.evaluation.judges import BACKENDS, JUDGES
+
+    judge = OmegaConf.select(cfg, "eval.judge")
+    if judge is None or judge.get("name") == "none":
+        return
+    _choice(cfg, "eval.judge.name", JUDGES)
+    _choice(cfg, "eval.judge.backend", BACKENDS)
+    for key in ("batch_size", "max_new_tokens", "max_response_chars", "concurrency"):
+        _count(cfg, f"eval.judge.{key}", allow_none=False, minimum=1)
+    _count(cfg, "eval.judge.retries", allow_none=False)
+    timeout = judge.get("timeout_s")
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        _fail("eval.judge.timeout_s", "a number of seconds > 0", timeout)
+    if not isinstance(judge.get("model"), str) or not judge.model:
+        _fail("eval.judge.model", "a hub id, a folder or a served model name", judge.get("model"))
+    if judge.backend == "openai" and not str(judge.get("base_url") or "").startswith(("http://", "https://")):
+        _fail("eval.judge.base_url", "an http(s) URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1",
+              judge.get("base_url"))
+    if judge.backend == "hf":
+        _choice(cfg, "eval.judge.dtype", ("auto", *DTYPES))
+        if judge.path is not None and not (Path(judge.path).expanduser() / "config.json").is_file():
+            _fail("eval.judge.path", "a model folder with a config.json", judge.path)
 
 
 def _validate_model(cfg: DictConfig) -> None:

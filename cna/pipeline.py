@@ -42,6 +42,7 @@ from cna.discovery import (
     universal_neurons,
 )
 from cna.errors import ConfigError
+from cna.evaluation.judges import Judge, describe, judge_point, make_judge
 from cna.evaluation.kl import kl_divergence
 from cna.evaluation.mmlu import MmluQuestion, evaluate_mmlu, load_mmlu_folder, stratified_sample
 from cna.evaluation.refusal import KeywordRefusalClassifier, refusal_rate
@@ -208,6 +209,29 @@ class Evaluator:
         self.classifier = KeywordRefusalClassifier(window=cfg.eval.classifier_window)
         self.kl_prompts = self.encode(data.kl) if data.kl else []
         self.unsteered_logprobs = self._kl_logprobs() if data.kl else None
+        judge = cfg.eval.get("judge")
+        self.judge_settings = (OmegaConf.to_container(judge, resolve=True)
+                               if judge is not None and judge.name != "none" else None)
+        self._judge: Judge | None = None  # loaded at its first use, so its load time counts as judging
+
+    @property
+    def judge_description(self) -> dict | None:
+        return describe(self.judge_settings) if self.judge_settings else None
+
+    def judge(self, point: dict, records: list[dict]) -> dict[str, float]:
+        """Add the LLM judge's verdicts to a point and its records; call it outside any steering context.
+
+        (The hf judge is its own model object in any case, so a steering hook could not reach it.)
+        Returns seconds per stage.
+        """
+        timings: dict[str, float] = {}
+        if self.judge_settings is None:
+            return timings
+        with _timed(timings, "judge"):
+            if self._judge is None:
+                self._judge = make_judge(self.judge_settings)
+            judge_point(self._judge, point, records)
+        return timings
 
     def _kl_logprobs(self):
         return next_token_logprobs(self.lm.model, self.kl_prompts, pad_token_id=self.lm.tokenizer.pad_token_id,
@@ -348,12 +372,15 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
         tracker.log_generations(finished_records)
         with _timed(timings, "kl_reference"):
             evaluator = Evaluator(cfg, lm, data)
+        if evaluator.judge_description:
+            results["judge"] = evaluator.judge_description
         for alpha, multiplier in strength_points(cfg):
             if alpha in done:
                 tracker.log_point(done[alpha])
                 continue
             with _steered(intervention, alpha, multiplier):
                 point, records, point_timings = evaluator.point(alpha, multiplier)
+            point_timings.update(evaluator.judge(point, records))  # unsteered
             for stage, seconds in point_timings.items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
             with (run_dir / GENERATIONS).open("a", encoding="utf-8") as lines:

@@ -83,6 +83,11 @@ BAD_VALUES = [
     (["search={objectives:[kl_divergence]}", "eval.kl.n=0"],
      "search.objectives[0]: expected a metric this job measures (eval.kl.n is off)"),
     (["search={objectives:[refusal_rate],min_quality:1.5}"], "search.min_quality: expected a number in [0, 1]"),
+    (["eval/judge=rating", "eval.judge.backend=vllm"], "eval.judge.backend: expected one of hf, openai, got 'vllm'"),
+    (["eval/judge=strongreject", "eval.judge.backend=openai", "eval.judge.base_url=localhost:8000"],
+     "eval.judge.base_url: expected an http(s) URL"),
+    (["eval/judge=yesno", "eval.judge.concurrency=0"], "eval.judge.concurrency: expected an integer >= 1"),
+    (["eval/judge=yesno", "eval.judge.timeout_s=-1"], "eval.judge.timeout_s: expected a number of seconds > 0"),
 ]
 
 

@@ -107,8 +107,12 @@ class LLMRefusalJudge:
 
     def compliance_probability(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         """P(yes) / (P(yes) + P(no)) per (prompt, response): how sure the judge is that the response complied."""
-        questions = [JUDGE_QUESTION.format(prompt=p, response=r[: self.max_response_chars])
-                     for p, r in zip(prompts, responses, strict=True)]
+        return self.next_token_yes_probability([
+            JUDGE_QUESTION.format(prompt=p, response=r[: self.max_response_chars])
+            for p, r in zip(prompts, responses, strict=True)])
+
+    def next_token_yes_probability(self, questions: Sequence[str]) -> list[float]:
+        """P(yes) / (P(yes) + P(no)) of the judge's first answer token, per (already formatted) question."""
         logprobs = next_token_logprobs(self.model, encode_prompts(self.tokenizer, questions),
                                        pad_token_id=self.tokenizer.pad_token_id,
                                        token_ids=self.yes_ids + self.no_ids, batch_size=self.batch_size,

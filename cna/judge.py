@@ -1,0 +1,119 @@
+"""Judge the generations of finished runs after the fact, and rewrite their results.
+
+    python -m cna.judge RUN_OR_MULTIRUN_DIR eval.judge=strongreject [eval.judge.KEY=VALUE ...]
+    python -m cna.judge multirun/2026-11-22/10-00-00 eval.judge=strongreject eval.judge.backend=openai \\
+        eval.judge.base_url=http://127.0.0.1:8000/v1 eval.judge.model=meta-llama/Llama-3.3-70B-Instruct
+
+Every `generations.jsonl` under the folder is judged (verdicts come from the on-disk cache when the
+same judge has seen the same pair before); its lines gain the verdicts and its `results.json` points the
+judge's fields, both rewritten atomically. The overrides are the job config's (`eval/judge=NAME` or
+`eval.judge=NAME` picks the judge; `cache_dir=...` moves the verdict cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from cna.circuit import write_json_atomic, write_text_atomic
+from cna.config import validate_judge
+from cna.errors import CnaError, ConfigError
+from cna.evaluation.judges import JUDGES, Judge, describe, judge_point, make_judge
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+RESULTS, GENERATIONS = "results.json", "generations.jsonl"
+log = logging.getLogger(__name__)
+
+
+def judge_group_overrides(overrides: list[str]) -> list[str]:
+    """`eval.judge=NAME` (the form a reader expects) as Hydra's group syntax `eval/judge=NAME`.
+
+    Hydra reads `eval.judge=strongreject` as a value for the config node, which fails; the group
+    syntax selects the config file. Multirun lists (`eval.judge=yesno,strongreject`) are rewritten too.
+    """
+    rewritten = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        names = value.split(",")
+        if key == "eval.judge" and value and all(name in JUDGES for name in names):
+            override = f"eval/judge={value}"
+        rewritten.append(override)
+    return rewritten
+
+
+def compose_judge(overrides: list[str]) -> dict:
+    """The judge settings that `overrides` give the job config, checked; ConfigError on anything wrong."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=judge_group_overrides(overrides))
+    except Exception as error:  # noqa: BLE001 - Hydra's override and composition errors have no common base
+        raise ConfigError(f"overrides {' '.join(overrides)}: {str(error).splitlines()[0]}") from error
+    validate_judge(cfg)
+    if cfg.eval.judge.name == "none":
+        raise ConfigError("eval.judge: expected one of yesno, strongreject, rating (e.g. eval.judge=strongreject), "
+                          "got 'none'")
+    return OmegaConf.to_container(cfg.eval.judge, resolve=True)
+
+
+def run_folders(folder: Path) -> list[Path]:
+    """Every folder at or below `folder` holding both a results.json and a generations.jsonl."""
+    found = sorted(p.parent for p in Path(folder).rglob(RESULTS) if (p.parent / GENERATIONS).is_file())
+    if not found:
+        raise CnaError(f"no {RESULTS} with a {GENERATIONS} beside it in {folder} or below")
+    return found
+
+
+def rejudge_run(run_dir: Path, judge: Judge, description: dict) -> dict:
+    """Judge one run's generations; rewrite its generations.jsonl and results.json; return the results."""
+    results = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
+    lines = (run_dir / GENERATIONS).read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]
+    by_alpha: dict[float, list[dict]] = defaultdict(list)
+    for record in records:
+        by_alpha[record["alpha"]].append(record)
+    started = time.perf_counter()
+    for point in results["points"]:
+        if by_alpha.get(point["alpha"]):
+            judge_point(judge, point, by_alpha[point["alpha"]])
+    results["judge"] = description
+    results.setdefault("timings_s", {})["judge"] = round(time.perf_counter() - started, 3)
+    write_text_atomic(run_dir / GENERATIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_json_atomic(run_dir / RESULTS, results)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cna.judge", description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="a run folder, or an outputs/multirun folder holding many")
+    parser.add_argument("overrides", nargs="*", help="job-config overrides, e.g. eval.judge=strongreject")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        settings = compose_judge(args.overrides)
+        folders = run_folders(args.folder)
+        judge = make_judge(settings)
+        for run_dir in folders:
+            asked, hits = judge.questions_asked, judge.cache.hits if judge.cache else 0
+            results = rejudge_run(run_dir, judge, describe(settings))
+            rates = ", ".join(f"alpha {p['alpha']:g}: {p.get('judge_refusal_rate')}" for p in results["points"])
+            failures = sum(p.get("judge_parse_failures") or 0 for p in results["points"])
+            print(f"{run_dir}: judge refusal {rates}; unreadable {failures}; "
+                  f"{judge.questions_asked - asked} questions asked, "
+                  f"{(judge.cache.hits if judge.cache else 0) - hits} cached; {results['timings_s']['judge']:.1f} s")
+    except CnaError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
