@@ -15,9 +15,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -89,6 +96,53 @@ def rejudge_run(run_dir: Path, judge: Judge, description: dict) -> dict:
     write_text_atomic(run_dir / GENERATIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json_atomic(run_dir / RESULTS, results)
     return results
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def transformers_server(model: str | Path, *, port: int | None = None, ready_within_s: float = 90,
+                        log_path: str | Path | None = None) -> Iterator[str]:
+    """`transformers serve MODEL` on 127.0.0.1 (needs `pip install 'transformers[serving]'`); yields its /v1 URL.
+
+    Waits for /health until `ready_within_s`, and always stops the server on leaving the block.
+    """
+    command = shutil.which("transformers", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    if command is None:
+        raise CnaError("no `transformers` command: pip install 'transformers[serving]'")
+    port = port or free_port()
+    log_file = open(log_path or os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - closed in finally
+    server = subprocess.Popen([command, "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+                               str(model)], stdout=log_file, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + ready_within_s
+        while True:
+            if server.poll() is not None:
+                raise CnaError(f"transformers serve exited with code {server.returncode} before it was ready"
+                               + (f"; see {log_path}" if log_path else ""))
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise CnaError(f"transformers serve was not ready within {ready_within_s:g} s")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log_file.close()
 
 
 def main(argv: list[str] | None = None) -> int:
