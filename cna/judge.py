@@ -33,6 +33,7 @@ from cna.circuit import write_json_atomic, write_text_atomic
 from cna.config import validate_judge
 from cna.errors import CnaError, ConfigError
 from cna.evaluation.judges import JUDGES, Judge, describe, judge_point, make_judge
+from cna.report import run_plots
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RESULTS, GENERATIONS = "results.json", "generations.jsonl"
@@ -95,6 +96,10 @@ def rejudge_run(run_dir: Path, judge: Judge, description: dict) -> dict:
     results.setdefault("timings_s", {})["judge"] = round(time.perf_counter() - started, 3)
     write_text_atomic(run_dir / GENERATIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     write_json_atomic(run_dir / RESULTS, results)
+    try:
+        run_plots(run_dir)  # judge_vs_keyword.png beside the run's other figures
+    except Exception as error:  # noqa: BLE001 - a plotting problem never undoes the judging
+        log.warning("plots for %s failed: %s", run_dir, error)
     return results
 
 

@@ -34,7 +34,7 @@ _MARKERS = {"cna": "o", "caa": "s", "direction": "^", "random": "x"}
 _MISSING = "n/a"
 
 FIGURES = ("refusal_quality_vs_alpha", "mmlu_vs_alpha", "kl_vs_alpha", "over_refusal_vs_alpha", "refusal_vs_kl",
-           "layer_histogram", "circuit_overlap")
+           "layer_histogram", "circuit_overlap", "judge_vs_keyword")
 QUALITY_FLOOR = 0.97  # the paper's bar for "output quality kept": hollow markers in refusal_vs_kl fall below it
 
 
@@ -308,6 +308,21 @@ def plot_refusal_quality(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
+def plot_judge_vs_keyword(runs: list[Run], path: Path) -> Path:
+    """Keyword and judge refusal side by side, and the judge's score (0 refused or useless .. 1 full help)."""
+    fig = Figure(figsize=(15, 3.8), layout="constrained")
+    keyword_ax, judge_ax, score_ax = fig.subplots(1, 3, sharey=True)
+    colours = _colours(runs)
+    _plot_metric(keyword_ax, runs, colours, "refusal_rate", "refusal_ci95")
+    _plot_metric(judge_ax, runs, colours, "judge_refusal_rate", "judge_refusal_ci95")
+    _plot_metric(score_ax, runs, colours, "judge_score", "judge_score_ci95")
+    keyword_ax.set(title="Refusal, keyword classifier (95% CI)", ylabel="rate", ylim=(-0.03, 1.03))
+    judge_ax.set(title="Refusal, LLM judge (95% CI)")
+    score_ax.set(title="Judge score: 0 refused/useless .. 1 full help")
+    _legend(fig, [keyword_ax, judge_ax, score_ax])
+    return _save(fig, path)
+
+
 def plot_single_metric(runs: list[Run], path: Path, key: str, ci_key: str | None, title: str, ylabel: str,
                        unit_range: bool = True, reference: float | None = None) -> Path:
     fig = Figure(figsize=(6.4, 3.8), layout="constrained")
@@ -451,6 +466,8 @@ def draw_figures(runs: list[Run], out: Path) -> dict[str, Path]:
         figure("over_refusal_vs_alpha", lambda p: plot_single_metric(runs, p, "over_refusal_rate", "over_refusal_ci95",
                                                                      "Over-refusal on benign prompts (95% CI)",
                                                                      "refusal rate"))
+    if _any(runs, "judge_refusal_rate"):
+        figure("judge_vs_keyword", lambda p: plot_judge_vs_keyword(runs, p))
     if len(_steered_points(runs)) >= 2:
         figure("refusal_vs_kl", lambda p: plot_refusal_vs_kl(runs, p))
     if neuron_runs(runs):

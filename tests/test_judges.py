@@ -235,6 +235,7 @@ def test_a_judged_job_writes_judge_fields_and_rejudging_costs_nothing(tiny_folde
         assert 0 <= point["judge_refusal_rate"] <= 1 and point["judge_over_refusal_rate"] is not None
     lines = [json.loads(line) for line in (tmp_path / "run" / GENERATIONS).read_text().splitlines()]
     assert len(lines) == 18 and all(0 < line["judge_score"] < 1 for line in lines)
+    assert (tmp_path / "run" / "judge_vs_keyword.png").read_bytes().startswith(b"\x89PNG")
     assert main(rejudge) == 0
     assert "0 questions asked, 18 cached" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / RESULTS).read_text())["points"] == first["points"]
