@@ -223,8 +223,11 @@ class OpenAIBackend:
 
     def __init__(self, *, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 8, timeout_s: float = 120, retries: int = 3, backoff_s: float = 1.0):
-        from openai import OpenAI
-
+        try:
+            from openai import OpenAI
+        except ImportError as error:
+            raise ConfigError("eval.judge.backend: 'openai' needs the openai client: pip install 'cna[judge]'") \
+                from error
         key = os.environ.get(api_key_env) if api_key_env else None
         # Local servers take any key; the client refuses to start without one.
         self.client = OpenAI(base_url=base_url, api_key=key or "EMPTY", timeout=timeout_s, max_retries=0)
