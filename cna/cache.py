@@ -1,9 +1,11 @@
-"""On-disk cache of discovery statistics, so a sweep over k, sign or filter threshold runs its forward passes once.
+"""On-disk caches: what a sweep would otherwise compute again for every job.
 
-The key covers everything the statistics depend on: the model (where it was loaded
-from, revision, dtype), its family's neuron site, the exact token ids of the prompt
-set (so template and tokenizer changes miss), the token-position policy and the
-universal filter's top fraction.
+- `StatisticsCache`: discovery statistics, so a sweep over k, sign or filter threshold runs its forward
+  passes once. The key covers everything the statistics depend on: the model (where it was loaded from,
+  revision, dtype), its family's neuron site, the exact token ids of the prompt set (so template and
+  tokenizer changes miss), the token-position policy and the universal filter's top fraction.
+- `BaselineCache`: the unsteered evaluation point (alpha = 0, m = 1) with its generation records. It
+  depends on the model and the evaluation, never on the recipe, so a multirun of N recipes computes it once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from cna.circuit import write_json_atomic
 from cna.discovery import ActivationStatistics
 
 
@@ -51,3 +54,28 @@ class StatisticsCache:
         finally:
             Path(temporary).unlink(missing_ok=True)
         return statistics
+
+
+class BaselineCache:
+    """Unsteered points as JSON files `<key>.json` holding {"point": ..., "records": [...]}."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = None if folder is None else Path(folder).expanduser()
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key}.json"
+
+    def get(self, key: str) -> tuple[dict, list[dict]] | None:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return saved["point"], saved["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable: computed again and replaced
+
+    def put(self, key: str, point: dict, records: list[dict]) -> None:
+        path = self._path(key)
+        if path is not None:
+            write_json_atomic(path, {"point": point, "records": records})

@@ -14,12 +14,14 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from cna.cache import StatisticsCache, statistics_key
+from cna.cache import BaselineCache, StatisticsCache, statistics_key
 from cna.circuit import Circuit, ResidualDirection, write_json_atomic
 from cna.config import NEURON_METHODS, validate
 from cna.data import (
@@ -38,13 +40,14 @@ from cna.discovery import (
     layer_at_fraction,
     random_circuit,
     residual_direction,
+    resolve_layer_range,
     select_circuit,
     universal_neurons,
 )
 from cna.errors import ConfigError
 from cna.evaluation.kl import kl_divergence
 from cna.evaluation.mmlu import MmluQuestion, evaluate_mmlu, load_mmlu_folder, stratified_sample
-from cna.evaluation.refusal import KeywordRefusalClassifier, refusal_rate
+from cna.evaluation.refusal import REFUSAL_PHRASES, KeywordRefusalClassifier, refusal_rate
 from cna.evaluation.responses import evaluate_responses
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
@@ -56,6 +59,7 @@ from cna.tracking import Tracker, make_tracker
 log = logging.getLogger(__name__)
 
 RESULTS, CIRCUIT, GENERATIONS = "results.json", "circuit.json", "generations.jsonl"
+BASELINE_FORMAT = 1  # bump when a point's fields change, so cached baselines are recomputed
 INFEASIBLE = 1000.0  # added to a search objective whose point misses search.min_quality
 
 
@@ -70,6 +74,13 @@ class JobData:
     kl: list[str]
     mmlu: list[MmluQuestion]
     removed_duplicates: dict[str, int] = field(default_factory=dict)
+    overlap: dict[str, int] = field(default_factory=dict)  # discovery prompts found in each evaluated set
+
+    @property
+    def in_sample(self) -> bool:
+        """Discovery shares prompts with what the job evaluates (the paper's Table 3 setting)."""
+        return any(self.overlap.values())
+
 
 
 def _source(node) -> PromptSource:
@@ -112,7 +123,19 @@ def load_job_data(cfg: DictConfig) -> JobData:
         if count is not None and count > len(prompts):
             raise ConfigError(f"prompts.n_{side}: expected at most {len(prompts)} (after de-duplication), got {count}")
         sets[side] = subsample(prompts, count, cfg.seed)
-    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed)
+    evaluated = {evaluation.refusal.name: refusal, **over_refusal, "kl": kl}
+    overlap = discovery_overlap(sets["positive"] + sets["negative"], evaluated, cfg.prompts.dedup_threshold)
+    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed, overlap)
+
+
+def discovery_overlap(discovery: list[str], evaluated: dict[str, list[str]], threshold: float) -> dict[str, int]:
+    """How many discovery prompts are exact or near duplicates of each evaluated set's prompts.
+
+    The same test de-duplication uses, so a de-duplicated job reports 0 everywhere, and an in-sample one
+    (discovery on the evaluation goals, as the paper's Table 3) says how far it is in-sample.
+    """
+    return {name: len(discovery) - len(deduplicate(discovery, prompts, threshold).kept)
+            for name, prompts in evaluated.items() if prompts}
 
 
 # --- discovery and method ---------------------------------------------------------------------------------------
@@ -150,14 +173,16 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
     method, adapter = cfg.method, lm.adapter
     prompts = {"positive": len(data.positive), "negative": len(data.negative),
                "sha256": prompt_sets_sha256(data.positive, data.negative),
-               "duplicates_removed": data.removed_duplicates}
+               "duplicates_removed": data.removed_duplicates,
+               "in_sample": data.in_sample, "overlap": data.overlap}
     if method.name in NEURON_METHODS:
         scores = contrastive_scores(found.positive, found.negative)
         universal = None if found.diverse is None else universal_neurons(found.diverse, method.universal.threshold)
+        requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
         circuit = select_circuit(
             scores, model=model_name, k_fraction=method.k_fraction, k=method.k, sign=method.sign,
-            layers=tuple(method.layers) if method.layers else None, universal=universal, prompts=prompts,
-            settings={"position": method.position, "mode": method.mode,
+            layers=resolve_layer_range(requested, adapter.n_layers), universal=universal, prompts=prompts,
+            settings={"position": method.position, "mode": method.mode, "layers_requested": requested,
                       "universal_threshold": method.universal.threshold if universal is not None else None,
                       "universal_top_fraction": method.universal.top_fraction if universal is not None else None},
         )
@@ -316,6 +341,23 @@ def _plots(run_dir: Path) -> dict[str, Path]:
         return {}
 
 
+def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
+    """Everything the unsteered point (alpha = 0) depends on, and nothing about the recipe: at m = 1 (alpha = 0)
+    every intervention leaves the model bit-identical, so one baseline serves every method and circuit."""
+    fields = {
+        "format": BASELINE_FORMAT,
+        "model": OmegaConf.to_container(cfg.model, resolve=True), "source": str(lm.source),
+        "dtype": str(next(lm.model.parameters()).dtype),
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "prompts": {"refusal": data.refusal, "over_refusal": data.over_refusal, "kl": data.kl,
+                    "mmlu": [asdict(question) for question in data.mmlu]},
+        "generation": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+        "refusal_phrases": list(REFUSAL_PHRASES),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> dict:
     """Run one job into `run_dir` and return its results (the content of results.json)."""
     run_dir = Path(run_dir)
@@ -340,8 +382,10 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     done = {p["alpha"]: p for p in previous["points"]} if previous else {}
     finished_records = _keep_finished_generations(run_dir, set(done))
     results = {"model": model_name, "method": cfg.method.name, "status": "running", "config_sha256": sha,
+               "in_sample": data.in_sample, "discovery_overlap": data.overlap,
                "points": list(done.values()), "timings_s": timings,
                "cache": {"hits": cache.hits, "misses": cache.misses}}
+    baselines = BaselineCache(Path(cfg.cache_dir) / "baselines" if cfg.cache_dir and cfg.reuse_baseline else None)
     tracker: Tracker = make_tracker(cfg, run_dir=run_dir, group=group)
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
@@ -352,8 +396,17 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
             if alpha in done:
                 tracker.log_point(done[alpha])
                 continue
-            with _steered(intervention, alpha, multiplier):
-                point, records, point_timings = evaluator.point(alpha, multiplier)
+            key = baseline_key(cfg, lm, data) if alpha == 0.0 else None
+            cached = baselines.get(key) if key else None
+            if cached:
+                point, records = cached
+                point, point_timings = {**point, "alpha": alpha, "multiplier": multiplier, "reused": True}, {}
+                log.info("alpha 0: the unsteered point is reused from the baseline cache")
+            else:
+                with _steered(intervention, alpha, multiplier):
+                    point, records, point_timings = evaluator.point(alpha, multiplier)
+                if key:
+                    baselines.put(key, point, records)
             for stage, seconds in point_timings.items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
             with (run_dir / GENERATIONS).open("a", encoding="utf-8") as lines:
