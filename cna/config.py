@@ -61,11 +61,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("prompts.n_positive", "prompts.n_negative"):
         _count(cfg, key, minimum=1)
     _fraction(cfg, "prompts.dedup_threshold")
-    _count(cfg, "eval.refusal.n", allow_none=False, minimum=1)
+    _count(cfg, "eval.refusal.n", allow_none=False)
     for key in ("eval.mmlu.n", "eval.mmlu.k_shot", "eval.kl.n", "eval.classifier_window"):
         _count(cfg, key)
     for name in (cfg.eval.over_refusal or {}):
         _count(cfg, f"eval.over_refusal.{name}.n")
+    for name in (cfg.eval.get("generalisation") or {}):
+        _count(cfg, f"eval.generalisation.{name}.n", minimum=1)
     _count(cfg, "eval.quality_n", allow_none=False, minimum=1)
     _count(cfg, "batch_size", allow_none=False, minimum=1)
     _count(cfg, "discovery_batch_tokens", minimum=1)

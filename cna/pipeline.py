@@ -75,6 +75,8 @@ class JobData:
     mmlu: list[MmluQuestion]
     removed_duplicates: dict[str, int] = field(default_factory=dict)
     overlap: dict[str, int] = field(default_factory=dict)  # discovery prompts found in each evaluated set
+    generalisation: dict[str, list[str]] = field(default_factory=dict)  # more harmful sets, held out from discovery
+    generalisation_removed: dict[str, int] = field(default_factory=dict)  # their prompts dropped as discovery copies
 
     @property
     def in_sample(self) -> bool:
@@ -123,9 +125,20 @@ def load_job_data(cfg: DictConfig) -> JobData:
         if count is not None and count > len(prompts):
             raise ConfigError(f"prompts.n_{side}: expected at most {len(prompts)} (after de-duplication), got {count}")
         sets[side] = subsample(prompts, count, cfg.seed)
-    evaluated = {evaluation.refusal.name: refusal, **over_refusal, "kl": kl}
-    overlap = discovery_overlap(sets["positive"] + sets["negative"], evaluated, cfg.prompts.dedup_threshold)
-    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed, overlap)
+    discovery = sets["positive"] + sets["negative"]
+    generalisation, generalisation_removed = {}, {}
+    for name, node in (evaluation.get("generalisation") or {}).items():
+        # These sets measure transfer, so the evaluation side is filtered: prompts that copy a discovery prompt go.
+        kept = deduplicate(load_prompts(_source(node.source)), discovery, cfg.prompts.dedup_threshold).kept
+        generalisation_removed[name] = len(load_prompts(_source(node.source))) - len(kept)
+        if node.n is not None and node.n > len(kept):
+            raise ConfigError(f"eval.generalisation.{name}.n: expected at most {len(kept)} (after removing "
+                              f"discovery copies), got {node.n}")
+        generalisation[name] = subsample(kept, node.n, cfg.seed)
+    evaluated = {evaluation.refusal.name: refusal, **over_refusal, **generalisation, "kl": kl}
+    overlap = discovery_overlap(discovery, evaluated, cfg.prompts.dedup_threshold)
+    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed, overlap,
+                   generalisation, generalisation_removed)
 
 
 def discovery_overlap(discovery: list[str], evaluated: dict[str, list[str]], threshold: float) -> dict[str, int]:
@@ -242,32 +255,46 @@ class Evaluator:
         tokens = generate(self.lm.model, self.encode(prompts), desc=desc, **self.greedy)
         return [self.lm.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
+    def _refusal_per_set(self, sets: dict[str, list[str]], alpha: float) -> tuple[dict[str, dict], list[dict]]:
+        """Refusal rate and quality of each named prompt set, and the sets' generation records."""
+        per_set, records = {}, []
+        for name, prompts in sets.items():
+            if not prompts:
+                continue
+            judged = evaluate_responses(prompts, self._responses(prompts, f"{name} a={alpha:g}"),
+                                        is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
+            per_set[name] = {"rate": judged.refusal.rate, "ci95": list(judged.refusal.ci95), "n": judged.refusal.n,
+                             "quality": judged.quality.mean}
+            records += [{"alpha": alpha, "set": name, **r} for r in judged.records]
+        return per_set, records
+
     def point(self, alpha: float, multiplier: float | None) -> tuple[dict, list[dict], dict[str, float]]:
         """(results point, generation records, seconds per stage)."""
         timings: dict[str, float] = {}
         point: dict = {"alpha": alpha, "multiplier": multiplier}
         records: list[dict] = []
-        with _timed(timings, "generation"):
-            refusal = evaluate_responses(self.data.refusal, self._responses(self.data.refusal, f"refusal a={alpha:g}"),
-                                         is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
-        point.update(refusal_rate=refusal.refusal.rate, refusal_ci95=list(refusal.refusal.ci95),
-                     quality=refusal.quality.mean, quality_ci95=list(refusal.quality.ci95),
-                     degenerate_rate=refusal.quality.degenerate_rate, n_prompts=refusal.refusal.n)
-        records += [{"alpha": alpha, "set": self.cfg.eval.refusal.name, **r} for r in refusal.records]
-        flags, per_set = [], {}
+        point.update(dict.fromkeys(("refusal_rate", "refusal_ci95", "quality", "quality_ci95", "degenerate_rate")),
+                     n_prompts=0)
+        if self.data.refusal:  # off (n: 0) where a job measures only other sets, e.g. experiment=generalisation
+            with _timed(timings, "generation"):
+                refusal = evaluate_responses(self.data.refusal, self._responses(self.data.refusal,
+                                                                                f"refusal a={alpha:g}"),
+                                             is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
+            point.update(refusal_rate=refusal.refusal.rate, refusal_ci95=list(refusal.refusal.ci95),
+                         quality=refusal.quality.mean, quality_ci95=list(refusal.quality.ci95),
+                         degenerate_rate=refusal.quality.degenerate_rate, n_prompts=refusal.refusal.n)
+            records += [{"alpha": alpha, "set": self.cfg.eval.refusal.name, **r} for r in refusal.records]
         with _timed(timings, "over_refusal"):
-            for name, prompts in self.data.over_refusal.items():
-                if not prompts:
-                    continue
-                responses = self._responses(prompts, f"{name} a={alpha:g}")
-                judged = evaluate_responses(prompts, responses, is_refusal=self.classifier,
-                                            quality_n=self.cfg.eval.quality_n)
-                per_set[name] = {"rate": judged.refusal.rate, "ci95": list(judged.refusal.ci95), "n": judged.refusal.n}
-                flags += [r["refused"] for r in judged.records]
-                records += [{"alpha": alpha, "set": name, **r} for r in judged.records]
+            per_set, set_records = self._refusal_per_set(self.data.over_refusal, alpha)
+        flags = [r["refused"] for r in set_records]
+        records += set_records
         pooled = refusal_rate(flags) if flags else None
         point.update(over_refusal_rate=pooled.rate if pooled else None,
                      over_refusal_ci95=list(pooled.ci95) if pooled else None, over_refusal=per_set)
+        if self.data.generalisation:
+            with _timed(timings, "generalisation"):
+                point["generalisation"], set_records = self._refusal_per_set(self.data.generalisation, alpha)
+            records += set_records
         with _timed(timings, "mmlu"):
             mmlu = evaluate_mmlu(self.lm.model, self.lm.tokenizer, self.data.mmlu, k_shot=self.cfg.eval.mmlu.k_shot,
                                  batch_size=self.cfg.batch_size) if self.data.mmlu else None
@@ -288,7 +315,7 @@ def search_objectives(results: dict, search: DictConfig) -> list[float]:
     point = max(results["points"], key=lambda p: p["alpha"])
     values = [float(point[name]) for name in search.objectives]
     floor = search.get("min_quality")
-    shortfall = 0.0 if floor is None else max(0.0, floor - point["quality"])
+    shortfall = 0.0 if floor is None or point["quality"] is None else max(0.0, floor - point["quality"])
     if shortfall > 0:
         values = [value + INFEASIBLE * (1 + shortfall) for value in values]
     return values
@@ -350,7 +377,7 @@ def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
         "dtype": str(next(lm.model.parameters()).dtype),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "prompts": {"refusal": data.refusal, "over_refusal": data.over_refusal, "kl": data.kl,
-                    "mmlu": [asdict(question) for question in data.mmlu]},
+                    "generalisation": data.generalisation, "mmlu": [asdict(question) for question in data.mmlu]},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
         "refusal_phrases": list(REFUSAL_PHRASES),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -383,6 +410,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     finished_records = _keep_finished_generations(run_dir, set(done))
     results = {"model": model_name, "method": cfg.method.name, "status": "running", "config_sha256": sha,
                "in_sample": data.in_sample, "discovery_overlap": data.overlap,
+               **({"generalisation_removed": data.generalisation_removed} if data.generalisation else {}),
                "points": list(done.values()), "timings_s": timings,
                "cache": {"hits": cache.hits, "misses": cache.misses}}
     baselines = BaselineCache(Path(cfg.cache_dir) / "baselines" if cfg.cache_dir and cfg.reuse_baseline else None)
@@ -415,7 +443,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
             write_json_atomic(run_dir / RESULTS, results)
             tracker.log_point(point)
             tracker.log_generations(records)
-            log.info("alpha %g: refusal %.3f, quality %.3f", alpha, point["refusal_rate"], point["quality"])
+            log.info("alpha %g: refusal %s, quality %s", alpha, point["refusal_rate"], point["quality"])
         results["status"] = "complete"
         write_json_atomic(run_dir / RESULTS, results)
         tracker.log_images(_plots(run_dir))

@@ -73,7 +73,7 @@ BAD_VALUES = [
     (["method.universal.threshold=0"], "method.universal.threshold: expected a number in (0, 1], got 0"),
     (["method.layers=[5,2]"], "method.layers: expected null, layer indices [start, stop)"),
     (["prompts.n_positive=0"], "prompts.n_positive: expected an integer >= 1 or null, got 0"),
-    (["eval.refusal.n=-1"], "eval.refusal.n: expected an integer >= 1, got -1"),
+    (["eval.refusal.n=-1"], "eval.refusal.n: expected an integer >= 0, got -1"),
     (["batch_size=0"], "batch_size: expected an integer >= 1, got 0"),
     (["discovery_batch_tokens=0"], "discovery_batch_tokens: expected an integer >= 1 or null, got 0"),
     (["model.dtype=float8"], "model.dtype: expected one of auto, float32, bfloat16, float16, got 'float8'"),
