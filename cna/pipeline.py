@@ -84,7 +84,6 @@ class JobData:
         return any(self.overlap.values())
 
 
-
 def _source(node) -> PromptSource:
     return PromptSource(**OmegaConf.to_container(node, resolve=True))
 
@@ -129,8 +128,9 @@ def load_job_data(cfg: DictConfig) -> JobData:
     generalisation, generalisation_removed = {}, {}
     for name, node in (evaluation.get("generalisation") or {}).items():
         # These sets measure transfer, so the evaluation side is filtered: prompts that copy a discovery prompt go.
-        kept = deduplicate(load_prompts(_source(node.source)), discovery, cfg.prompts.dedup_threshold).kept
-        generalisation_removed[name] = len(load_prompts(_source(node.source))) - len(kept)
+        prompts = load_prompts(_source(node.source))
+        kept = deduplicate(prompts, discovery, cfg.prompts.dedup_threshold).kept
+        generalisation_removed[name] = len(prompts) - len(kept)
         if node.n is not None and node.n > len(kept):
             raise ConfigError(f"eval.generalisation.{name}.n: expected at most {len(kept)} (after removing "
                               f"discovery copies), got {node.n}")

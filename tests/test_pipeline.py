@@ -178,3 +178,22 @@ def test_the_unsteered_point_is_computed_once_and_reused_identically(tiny_folder
     # A different evaluation is a different baseline.
     other = run(small_job(tiny_folder, tmp_path / "cache", "eval.refusal.n=5"), tmp_path / "d")
     assert "reused" not in other["points"][0]
+
+
+def test_generalisation_sets_drop_discovery_copies_and_are_scored_per_set(tiny_folder, tmp_path):
+    cfg = small_job(tiny_folder, tmp_path / "cache", "prompts=jbb_in_sample", "prompts.n_positive=null",
+                    "prompts.n_negative=null", "eval.refusal.n=0", "eval.mmlu.n=0",
+                    f"+eval.generalisation.advbench.source.path={data_dir()}/advbench/harmful_behaviors.csv",
+                    "+eval.generalisation.advbench.source.column=goal", "+eval.generalisation.advbench.n=5")
+    results = run(cfg, tmp_path / "run")
+    # AdvBench holds about 27 near copies of JBB goals; discovery here is on the JBB goals themselves.
+    assert 20 <= results["generalisation_removed"]["advbench"] <= 40
+    assert results["discovery_overlap"]["advbench"] == 0
+    for point in results["points"]:
+        assert point["refusal_rate"] is None and point["n_prompts"] == 0  # the refusal set is off
+        assert set(point["generalisation"]["advbench"]) == {"rate", "ci95", "n", "quality"}
+        assert point["generalisation"]["advbench"]["n"] == 5
+    lines = generation_lines(tmp_path / "run")
+    assert sum(line["set"] == "advbench" for line in lines) == 2 * 5
+    jbb = {line["prompt"] for line in lines if line["set"] == "jbb_benign"}
+    assert len(jbb) == 3
