@@ -4,8 +4,9 @@
   passes once. The key covers everything the statistics depend on: the model (where it was loaded from,
   revision, dtype), its family's neuron site, the exact token ids of the prompt set (so template and
   tokenizer changes miss), the token-position policy and the universal filter's top fraction.
-- `BaselineCache`: the unsteered evaluation point (alpha = 0, m = 1) with its generation records. It
-  depends on the model and the evaluation, never on the recipe, so a multirun of N recipes computes it once.
+- `BaselineCache`: the unsteered evaluation point (alpha = 0, m = 1) with its generation records, and the
+  unsteered log-probabilities KL is measured against. They depend on the model and the evaluation, never on
+  the recipe, so a multirun of N recipes computes them once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from cna.circuit import write_json_atomic
 from cna.discovery import ActivationStatistics
@@ -44,16 +48,20 @@ class StatisticsCache:
             return ActivationStatistics.load(path)
         self.misses += 1
         statistics = compute()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # Written beside its final name and renamed: parallel jobs never read half a file.
-        handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(handle)
-        try:
-            statistics.save(temporary)
-            os.replace(temporary, path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        _save_atomically(path, statistics.save)
         return statistics
+
+
+def _save_atomically(path: Path, save: Callable[[Path], object]) -> None:
+    """Written beside its final name and renamed: parallel jobs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
 
 
 class BaselineCache:
@@ -79,3 +87,17 @@ class BaselineCache:
         path = self._path(key)
         if path is not None:
             write_json_atomic(path, {"point": point, "records": records})
+
+    def tensor(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """An unsteered tensor (the KL reference log-probabilities), from `<key>.safetensors` or computed and saved."""
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(str(path))["value"]
+            except Exception:  # noqa: BLE001 - a truncated or foreign file is computed again and replaced
+                pass
+        value = compute()
+        _save_atomically(path, lambda temporary: save_file({"value": value.contiguous()}, str(temporary)))
+        return value

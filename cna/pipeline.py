@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,7 +237,9 @@ def _steered(intervention: Intervention, alpha: float, multiplier: float | None)
 class Evaluator:
     """Everything measured at one strength, under whatever intervention is active."""
 
-    def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData):
+    def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData,
+                 cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda compute: compute()):
+        """`cached` wraps the unsteered KL reference computation (e.g. with the baseline cache)."""
         self.cfg, self.lm, self.data = cfg, lm, data
         tokenizer = lm.tokenizer
         self.encode = lambda prompts: encode_prompts(tokenizer, prompts, cfg.model.template)
@@ -245,7 +247,7 @@ class Evaluator:
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         self.classifier = KeywordRefusalClassifier(window=cfg.eval.classifier_window)
         self.kl_prompts = self.encode(data.kl) if data.kl else []
-        self.unsteered_logprobs = self._kl_logprobs() if data.kl else None
+        self.unsteered_logprobs = cached(self._kl_logprobs) if data.kl else None
 
     def _kl_logprobs(self):
         return next_token_logprobs(self.lm.model, self.kl_prompts, pad_token_id=self.lm.tokenizer.pad_token_id,
@@ -418,13 +420,14 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
         tracker.log_generations(finished_records)
+        unsteered = baseline_key(cfg, lm, data)
         with _timed(timings, "kl_reference"):
-            evaluator = Evaluator(cfg, lm, data)
+            evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute))
         for alpha, multiplier in strength_points(cfg):
             if alpha in done:
                 tracker.log_point(done[alpha])
                 continue
-            key = baseline_key(cfg, lm, data) if alpha == 0.0 else None
+            key = unsteered if alpha == 0.0 else None
             cached = baselines.get(key) if key else None
             if cached:
                 point, records = cached

@@ -171,6 +171,8 @@ def test_the_unsteered_point_is_computed_once_and_reused_identically(tiny_folder
     assert reused.pop("reused") is True
     assert reused == computed["points"][0]
     assert reused == {**first["points"][0], "multiplier": None}  # CNA's m = 1 is CAA's no multiplier
+    assert second["points"][1] == computed["points"][1]  # KL against the cached reference is the same number
+    assert len(list((tmp_path / "cache" / "baselines").glob("*.kl.safetensors"))) == 1
     baseline_lines = [[line for line in generation_lines(tmp_path / d) if line["alpha"] == 0.0] for d in "abc"]
     assert baseline_lines[0] == baseline_lines[1] == baseline_lines[2]
     assert "generation" not in second["timings_s"] or second["timings_s"]["generation"] < computed["timings_s"][
