@@ -7,6 +7,7 @@ import json
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import wandb
@@ -17,6 +18,7 @@ from cna import tracking
 from cna.dashboard import DASHBOARD, OPTIONAL, Key, logged_keys, missing_keys
 from cna.dashboard.__main__ import main
 from cna.dashboard.spec import config, history, summary
+from cna.dashboard.workspace import RunSelection, build_workspace, save_workspace
 from cna.errors import ConfigError
 from cna.pipeline import run
 from cna.tracking import OfflineRun, read_offline_run
@@ -65,7 +67,7 @@ def test_every_panel_key_that_is_not_optional_is_logged_by_a_tiny_job(tiny_job, 
     # The optional list holds only keys a default job really does not log: anything else belongs in the check.
     assert not set(OPTIONAL) & logged
     assert main(["--check", str(run_dir)]) == 0
-    assert capsys.readouterr().out.strip() == "1 runs log every dashboard key that is not optional"
+    assert capsys.readouterr().out == "1 W&B run: every dashboard key that is not optional is logged\n"
 
 
 def test_a_renamed_or_unlogged_key_fails_the_check(tiny_job, capsys):
@@ -93,7 +95,7 @@ def test_a_renamed_or_unlogged_key_fails_the_check(tiny_job, capsys):
     assert missing_keys([logged_run], declared) == []
     with pytest.raises(ConfigError, match="history:judge_score"):
         missing_keys([logged_run], renamed(history("judge_score"), history("judge_mean_score")))
-    # A job that logs less (here: MMLU switched off) fails the command-line check, naming the key.
+    # A job that logs less (here: as if MMLU were switched off) fails the check, naming the key.
     without_mmlu = dataclasses.replace(logged_run, history=[{k: v for k, v in row.items() if k != "mmlu_accuracy"}
                                                         for row in logged_run.history])
     assert missing_keys([without_mmlu]) == ["history:mmlu_accuracy"]
@@ -163,3 +165,25 @@ def test_command_errors_are_one_line(tmp_path, monkeypatch, capsys):
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "pip install 'cna[dashboard]'" in error
     assert not (tmp_path / "spec.json").exists()
+
+
+def test_saving_again_updates_the_workspace_of_the_same_runs(monkeypatch):
+    from wandb_workspaces.workspaces import Workspace, internal
+
+    saved: list[tuple[str, str]] = []
+    monkeypatch.setattr(Workspace, "save", lambda self: saved.append((self._internal_name, self._internal_id)))
+    monkeypatch.setattr(Workspace, "url", property(lambda self: f"https://wandb.test/?nw={self._internal_name}"))
+    on_server: dict[str, str] = {}
+
+    def from_name(entity: str, project: str, name: str):
+        if name not in on_server:
+            raise ValueError(f"Workspace `{name}` not found in project `{project}`")
+        return SimpleNamespace(id=on_server[name])
+
+    monkeypatch.setattr(internal.View, "from_name", from_name)
+    selection = RunSelection("team", "cna", GROUP)
+    assert save_workspace(build_workspace(selection)) == f"https://wandb.test/?nw={selection.view_name}"
+    on_server[selection.view_name] = "VmlldzoxMjM="
+    save_workspace(build_workspace(selection))
+    assert saved == [(selection.view_name, ""), (selection.view_name, "VmlldzoxMjM=")]  # created, then updated
+    assert RunSelection("team", "cna", "multirun/other").view_name != selection.view_name

@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checked = check(args.check) if args.check else None
         if checked is not None:
-            missing = checked["missing"]
-            print(f"{len(checked['runs'])} runs do not log these dashboard keys: {', '.join(missing)}" if missing
-                  else f"{len(checked['runs'])} runs log every dashboard key that is not optional")
+            missing, count = checked["missing"], len(checked["runs"])
+            runs = f"{count} W&B run{'s' if count != 1 else ''}"
+            print(f"{runs}: none logs these dashboard keys: {', '.join(missing)}" if missing
+                  else f"{runs}: every dashboard key that is not optional is logged")
             if not args.entity:
                 return 1 if missing else 0
         if not args.entity:
