@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 GENERATION_COLUMNS = ("alpha", "set", "prompt", "response", "refused", "quality")
+# The rows at alpha = 1 (full ablation) as a table of their own: W&B's table panels cannot filter rows.
+FULL_STRENGTH_TABLE = "generations_alpha_1"
 PROBE_TIMEOUT_S = 3.0
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 _WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
@@ -204,7 +206,10 @@ class WandbTracker(Tracker):
         with self._guard("logging the generations table"):
             if self._records:
                 # In the summary rather than the history: no extra history row, and still one table artifact.
-                self.run.summary["generations"] = self._table()
+                self.run.summary["generations"] = self._table(self._records)
+                full_strength = [record for record in self._records if record.get("alpha") == 1.0]
+                if full_strength:
+                    self.run.summary[FULL_STRENGTH_TABLE] = self._table(full_strength)
         if self.run is None:
             return
         with self._guard("finishing the run"):
@@ -218,10 +223,10 @@ class WandbTracker(Tracker):
             if self.offline_dir is not None:
                 log.info("W&B run saved offline; upload it with: wandb sync %s", self.offline_dir)
 
-    def _table(self) -> Any:
-        extra = [k for k in dict.fromkeys(k for r in self._records for k in r) if k not in GENERATION_COLUMNS]
+    def _table(self, records: list[dict]) -> Any:
+        extra = [k for k in dict.fromkeys(k for r in records for k in r) if k not in GENERATION_COLUMNS]
         columns = [*GENERATION_COLUMNS, *extra]
-        rows = [[record.get(column) for column in columns] for record in self._records]
+        rows = [[record.get(column) for column in columns] for record in records]
         return self._wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
 
 
