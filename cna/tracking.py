@@ -27,6 +27,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping
@@ -427,20 +428,28 @@ def offline_run_files(path: str | Path) -> list[Path]:
     return []
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
+def read_offline_run(path: str | Path, wait_s: float = 30.0) -> OfflineRun:
     """Read a run's local transaction log (the newest run under `path`, see `offline_run_files`): what
-    `wandb sync` would upload, without uploading it."""
+    `wandb sync` would upload, without uploading it.
+
+    `run.finish()` can return before W&B's writer process has written the log's last records (seen on a
+    loaded machine), so a log without its exit record is read again for up to `wait_s` seconds.
+    """
     from wandb.proto import wandb_internal_pb2
 
     files = offline_run_files(path)
     if not files:
         raise FileNotFoundError(f"{path}: no W&B run (wandb/offline-run-*/run-*.wandb) found")
-    run = OfflineRun(path=files[-1])
-    for chunk in _transaction_records(files[-1]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        _apply(run, record)
-    return run
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = OfflineRun(path=files[-1])
+        for chunk in _transaction_records(files[-1]):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            _apply(run, record)
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
 
 
 def _transaction_records(path: Path) -> Iterator[bytes]:
