@@ -31,11 +31,12 @@ lint: setup
 test: lint models
 	$(BIN)/python -m pytest
 
-# The main job on the offline refusal model, small evaluation sizes: contract files, a report, an offline W&B run.
+# What a newcomer came to see, on the offline refusal model: the paper's recipe, the best recipe RESULTS.md found,
+# and the random control of the best recipe's size (a 3-job multirun), then a report whose first line says which
+# of them reduced refusal, with intervals. Each job writes the contract files into outputs/demo/<n>_.../.
 demo: setup
 	$(BIN)/python $(SHARED)/models/fetch $(DEMO_MODEL)
-	$(BIN)/python launch.py model=qwen_coder_0_5b method=cna eval=small prompts.n_positive=64 prompts.n_negative=64 \
-		alphas=[0.0,1.0] hydra.run.dir=outputs/demo resume=false
+	$(BIN)/python launch.py experiment=demo hydra.sweep.dir=outputs/demo resume=false
 	$(BIN)/python -m cna.report outputs/demo
 	@cat outputs/demo/summary.md
 

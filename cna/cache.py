@@ -1,9 +1,12 @@
-"""On-disk cache of discovery statistics, so a sweep over k, sign or filter threshold runs its forward passes once.
+"""On-disk caches: what a sweep would otherwise compute again for every job.
 
-The key covers everything the statistics depend on: the model (where it was loaded
-from, revision, dtype), its family's neuron site, the exact token ids of the prompt
-set (so template and tokenizer changes miss), the token-position policy and the
-universal filter's top fraction.
+- `StatisticsCache`: discovery statistics, so a sweep over k, sign or filter threshold runs its forward
+  passes once. The key covers everything the statistics depend on: the model (where it was loaded from,
+  revision, dtype), its family's neuron site, the exact token ids of the prompt set (so template and
+  tokenizer changes miss), the token-position policy and the universal filter's top fraction.
+- `BaselineCache`: the unsteered evaluation point (alpha = 0, m = 1) with its generation records, and the
+  unsteered log-probabilities KL is measured against. They depend on the model and the evaluation, never on
+  the recipe, so a multirun of N recipes computes them once.
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
+from cna.circuit import write_json_atomic
 from cna.discovery import ActivationStatistics
 
 
@@ -41,13 +48,56 @@ class StatisticsCache:
             return ActivationStatistics.load(path)
         self.misses += 1
         statistics = compute()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        # Written beside its final name and renamed: parallel jobs never read half a file.
-        handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        os.close(handle)
-        try:
-            statistics.save(temporary)
-            os.replace(temporary, path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        _save_atomically(path, statistics.save)
         return statistics
+
+
+def _save_atomically(path: Path, save: Callable[[Path], object]) -> None:
+    """Written beside its final name and renamed: parallel jobs never read half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(handle)
+    try:
+        save(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+
+
+class BaselineCache:
+    """Unsteered points as JSON files `<key>.json` holding {"point": ..., "records": [...]}."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = None if folder is None else Path(folder).expanduser()
+
+    def _path(self, key: str) -> Path | None:
+        return None if self.folder is None else self.folder / f"{key}.json"
+
+    def get(self, key: str) -> tuple[dict, list[dict]] | None:
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            return saved["point"], saved["records"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # unreadable: computed again and replaced
+
+    def put(self, key: str, point: dict, records: list[dict]) -> None:
+        path = self._path(key)
+        if path is not None:
+            write_json_atomic(path, {"point": point, "records": records})
+
+    def tensor(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """An unsteered tensor (the KL reference log-probabilities), from `<key>.safetensors` or computed and saved."""
+        if self.folder is None:
+            return compute()
+        path = self.folder / f"{key}.safetensors"
+        if path.is_file():
+            try:
+                return load_file(str(path))["value"]
+            except Exception:  # noqa: BLE001 - a truncated or foreign file is computed again and replaced
+                pass
+        value = compute()
+        _save_atomically(path, lambda temporary: save_file({"value": value.contiguous()}, str(temporary)))
+        return value

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cna.discovery import POSITIONS, SIGNS
 from cna.errors import ConfigError
@@ -61,16 +61,19 @@ def validate(cfg: DictConfig) -> None:
     for key in ("prompts.n_positive", "prompts.n_negative"):
         _count(cfg, key, minimum=1)
     _fraction(cfg, "prompts.dedup_threshold")
-    _count(cfg, "eval.refusal.n", allow_none=False, minimum=1)
+    _count(cfg, "eval.refusal.n", allow_none=False)
     for key in ("eval.mmlu.n", "eval.mmlu.k_shot", "eval.kl.n", "eval.classifier_window"):
         _count(cfg, key)
     for name in (cfg.eval.over_refusal or {}):
         _count(cfg, f"eval.over_refusal.{name}.n")
+    for name in (cfg.eval.get("generalisation") or {}):
+        _count(cfg, f"eval.generalisation.{name}.n", minimum=1)
     _count(cfg, "eval.quality_n", allow_none=False, minimum=1)
     _count(cfg, "batch_size", allow_none=False, minimum=1)
     _count(cfg, "discovery_batch_tokens", minimum=1)
     _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
     _choice(cfg, "logger.name", ("wandb", "none"))
+    _choice(cfg, "reuse_baseline", (True, False))
     _validate_search(cfg)
     validate_judge(cfg)
 
@@ -162,15 +165,29 @@ def _validate_method(cfg: DictConfig) -> None:
         _choice(cfg, "method.mode", NEURON_MODES)
         _fraction(cfg, "method.universal.top_fraction")
         _fraction(cfg, "method.universal.threshold")
-        layers = cfg.method.layers
-        if layers is not None and (len(layers) != 2 or not isinstance(layers[0], int)
-                                   or not (layers[1] is None or isinstance(layers[1], int) and layers[0] < layers[1])
-                                   or layers[0] < 0):
-            _fail("method.layers", "null or [start, stop) with 0 <= start < stop (stop null: to the last layer)",
-                  OmegaConf.to_object(layers))
+        _validate_layer_range(cfg)
     else:
         _fraction(cfg, "method.layer_fraction", low_open=False)
         _count(cfg, "method.layer")
+
+
+def _validate_layer_range(cfg: DictConfig) -> None:
+    """method.layers: null, layer indices [start, stop), or fractions of depth such as [0.9, 1.0] (the final 10%)."""
+    layers = cfg.method.layers
+    if layers is None:
+        return
+    values = list(layers) if isinstance(layers, ListConfig) else None
+    if values is not None and len(values) == 2 and values[0] is not None:
+        start, stop = values
+        numbers = all(v is None or isinstance(v, int | float) and not isinstance(v, bool) for v in (start, stop))
+        if numbers and (isinstance(start, float) or isinstance(stop, float)):
+            if 0 <= start < (1.0 if stop is None else stop) <= 1:
+                return
+        elif numbers and start >= 0 and (stop is None or start < stop):
+            return
+    _fail("method.layers", "null, layer indices [start, stop) with 0 <= start < stop, or fractions of depth "
+          "[a, b) with 0 <= a < b <= 1 such as [0.9, 1.0] (stop null: to the last layer)",
+          OmegaConf.to_object(layers) if isinstance(layers, ListConfig) else layers)
 
 
 def _validate_sweep(cfg: DictConfig) -> None:

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -324,6 +325,24 @@ def residual_direction(
         prompts=prompts or {},
         settings=settings or {},
     )
+
+
+def resolve_layer_range(layers: Sequence[int | float | None] | None, n_layers: int) -> tuple[int, int] | None:
+    """[start, stop) layer indices from indices or fractions of depth; stop None means through the last layer.
+
+    Fractions (numbers written with a decimal point, in [0, 1]) are widened to whole layers, so the range
+    covers at least the fraction asked for: [0.9, 1.0] of 24 layers is layers 21-23 (the paper's "final ~10%").
+    """
+    if layers is None:
+        return None
+    start, stop = layers
+    if isinstance(start, float) or isinstance(stop, float):
+        stop = 1.0 if stop is None else stop
+        start, stop = math.floor(start * n_layers), math.ceil(stop * n_layers)
+    stop = n_layers if stop is None else stop
+    if not 0 <= start < stop <= n_layers:
+        raise ConfigError(f"method.layers: [{start}, {stop}) is not within [0, {n_layers}) for this model")
+    return int(start), int(stop)
 
 
 def layer_at_fraction(n_layers: int, fraction: float) -> int:

@@ -12,14 +12,16 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from cna.cache import StatisticsCache, statistics_key
+from cna.cache import BaselineCache, StatisticsCache, statistics_key
 from cna.circuit import Circuit, ResidualDirection, write_json_atomic
 from cna.config import NEURON_METHODS, validate
 from cna.data import (
@@ -38,6 +40,7 @@ from cna.discovery import (
     layer_at_fraction,
     random_circuit,
     residual_direction,
+    resolve_layer_range,
     select_circuit,
     universal_neurons,
 )
@@ -45,7 +48,7 @@ from cna.errors import ConfigError
 from cna.evaluation.judges import Judge, describe, judge_point, make_judge
 from cna.evaluation.kl import kl_divergence
 from cna.evaluation.mmlu import MmluQuestion, evaluate_mmlu, load_mmlu_folder, stratified_sample
-from cna.evaluation.refusal import KeywordRefusalClassifier, refusal_rate
+from cna.evaluation.refusal import REFUSAL_PHRASES, KeywordRefusalClassifier, refusal_rate
 from cna.evaluation.responses import evaluate_responses
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
@@ -57,6 +60,7 @@ from cna.tracking import Tracker, make_tracker
 log = logging.getLogger(__name__)
 
 RESULTS, CIRCUIT, GENERATIONS = "results.json", "circuit.json", "generations.jsonl"
+BASELINE_FORMAT = 1  # bump when a point's fields change, so cached baselines are recomputed
 INFEASIBLE = 1000.0  # added to a search objective whose point misses search.min_quality
 
 
@@ -71,6 +75,14 @@ class JobData:
     kl: list[str]
     mmlu: list[MmluQuestion]
     removed_duplicates: dict[str, int] = field(default_factory=dict)
+    overlap: dict[str, int] = field(default_factory=dict)  # discovery prompts found in each evaluated set
+    generalisation: dict[str, list[str]] = field(default_factory=dict)  # more harmful sets, held out from discovery
+    generalisation_removed: dict[str, int] = field(default_factory=dict)  # their prompts dropped as discovery copies
+
+    @property
+    def in_sample(self) -> bool:
+        """Discovery shares prompts with what the job evaluates (the paper's Table 3 setting)."""
+        return any(self.overlap.values())
 
 
 def _source(node) -> PromptSource:
@@ -113,7 +125,31 @@ def load_job_data(cfg: DictConfig) -> JobData:
         if count is not None and count > len(prompts):
             raise ConfigError(f"prompts.n_{side}: expected at most {len(prompts)} (after de-duplication), got {count}")
         sets[side] = subsample(prompts, count, cfg.seed)
-    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed)
+    discovery = sets["positive"] + sets["negative"]
+    generalisation, generalisation_removed = {}, {}
+    for name, node in (evaluation.get("generalisation") or {}).items():
+        # These sets measure transfer, so the evaluation side is filtered: prompts that copy a discovery prompt go.
+        prompts = load_prompts(_source(node.source))
+        kept = deduplicate(prompts, discovery, cfg.prompts.dedup_threshold).kept
+        generalisation_removed[name] = len(prompts) - len(kept)
+        if node.n is not None and node.n > len(kept):
+            raise ConfigError(f"eval.generalisation.{name}.n: expected at most {len(kept)} (after removing "
+                              f"discovery copies), got {node.n}")
+        generalisation[name] = subsample(kept, node.n, cfg.seed)
+    evaluated = {evaluation.refusal.name: refusal, **over_refusal, **generalisation, "kl": kl}
+    overlap = discovery_overlap(discovery, evaluated, cfg.prompts.dedup_threshold)
+    return JobData(sets["positive"], sets["negative"], refusal, over_refusal, kl, mmlu, removed, overlap,
+                   generalisation, generalisation_removed)
+
+
+def discovery_overlap(discovery: list[str], evaluated: dict[str, list[str]], threshold: float) -> dict[str, int]:
+    """How many discovery prompts are exact or near duplicates of each evaluated set's prompts.
+
+    The same test de-duplication uses, so a de-duplicated job reports 0 everywhere, and an in-sample one
+    (discovery on the evaluation goals, as the paper's Table 3) says how far it is in-sample.
+    """
+    return {name: len(discovery) - len(deduplicate(discovery, prompts, threshold).kept)
+            for name, prompts in evaluated.items() if prompts}
 
 
 # --- discovery and method ---------------------------------------------------------------------------------------
@@ -151,14 +187,16 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
     method, adapter = cfg.method, lm.adapter
     prompts = {"positive": len(data.positive), "negative": len(data.negative),
                "sha256": prompt_sets_sha256(data.positive, data.negative),
-               "duplicates_removed": data.removed_duplicates}
+               "duplicates_removed": data.removed_duplicates,
+               "in_sample": data.in_sample, "overlap": data.overlap}
     if method.name in NEURON_METHODS:
         scores = contrastive_scores(found.positive, found.negative)
         universal = None if found.diverse is None else universal_neurons(found.diverse, method.universal.threshold)
+        requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
         circuit = select_circuit(
             scores, model=model_name, k_fraction=method.k_fraction, k=method.k, sign=method.sign,
-            layers=tuple(method.layers) if method.layers else None, universal=universal, prompts=prompts,
-            settings={"position": method.position, "mode": method.mode,
+            layers=resolve_layer_range(requested, adapter.n_layers), universal=universal, prompts=prompts,
+            settings={"position": method.position, "mode": method.mode, "layers_requested": requested,
                       "universal_threshold": method.universal.threshold if universal is not None else None,
                       "universal_top_fraction": method.universal.top_fraction if universal is not None else None},
         )
@@ -200,7 +238,9 @@ def _steered(intervention: Intervention, alpha: float, multiplier: float | None)
 class Evaluator:
     """Everything measured at one strength, under whatever intervention is active."""
 
-    def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData):
+    def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData,
+                 cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda compute: compute()):
+        """`cached` wraps the unsteered KL reference computation (e.g. with the baseline cache)."""
         self.cfg, self.lm, self.data = cfg, lm, data
         tokenizer = lm.tokenizer
         self.encode = lambda prompts: encode_prompts(tokenizer, prompts, cfg.model.template)
@@ -208,7 +248,7 @@ class Evaluator:
                            max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
         self.classifier = KeywordRefusalClassifier(window=cfg.eval.classifier_window)
         self.kl_prompts = self.encode(data.kl) if data.kl else []
-        self.unsteered_logprobs = self._kl_logprobs() if data.kl else None
+        self.unsteered_logprobs = cached(self._kl_logprobs) if data.kl else None
         judge = cfg.eval.get("judge")
         self.judge_settings = (OmegaConf.to_container(judge, resolve=True)
                                if judge is not None and judge.name != "none" else None)
@@ -241,32 +281,46 @@ class Evaluator:
         tokens = generate(self.lm.model, self.encode(prompts), desc=desc, **self.greedy)
         return [self.lm.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
+    def _refusal_per_set(self, sets: dict[str, list[str]], alpha: float) -> tuple[dict[str, dict], list[dict]]:
+        """Refusal rate and quality of each named prompt set, and the sets' generation records."""
+        per_set, records = {}, []
+        for name, prompts in sets.items():
+            if not prompts:
+                continue
+            judged = evaluate_responses(prompts, self._responses(prompts, f"{name} a={alpha:g}"),
+                                        is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
+            per_set[name] = {"rate": judged.refusal.rate, "ci95": list(judged.refusal.ci95), "n": judged.refusal.n,
+                             "quality": judged.quality.mean}
+            records += [{"alpha": alpha, "set": name, **r} for r in judged.records]
+        return per_set, records
+
     def point(self, alpha: float, multiplier: float | None) -> tuple[dict, list[dict], dict[str, float]]:
         """(results point, generation records, seconds per stage)."""
         timings: dict[str, float] = {}
         point: dict = {"alpha": alpha, "multiplier": multiplier}
         records: list[dict] = []
-        with _timed(timings, "generation"):
-            refusal = evaluate_responses(self.data.refusal, self._responses(self.data.refusal, f"refusal a={alpha:g}"),
-                                         is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
-        point.update(refusal_rate=refusal.refusal.rate, refusal_ci95=list(refusal.refusal.ci95),
-                     quality=refusal.quality.mean, quality_ci95=list(refusal.quality.ci95),
-                     degenerate_rate=refusal.quality.degenerate_rate, n_prompts=refusal.refusal.n)
-        records += [{"alpha": alpha, "set": self.cfg.eval.refusal.name, **r} for r in refusal.records]
-        flags, per_set = [], {}
+        point.update(dict.fromkeys(("refusal_rate", "refusal_ci95", "quality", "quality_ci95", "degenerate_rate")),
+                     n_prompts=0)
+        if self.data.refusal:  # off (n: 0) where a job measures only other sets, e.g. experiment=generalisation
+            with _timed(timings, "generation"):
+                refusal = evaluate_responses(self.data.refusal, self._responses(self.data.refusal,
+                                                                                f"refusal a={alpha:g}"),
+                                             is_refusal=self.classifier, quality_n=self.cfg.eval.quality_n)
+            point.update(refusal_rate=refusal.refusal.rate, refusal_ci95=list(refusal.refusal.ci95),
+                         quality=refusal.quality.mean, quality_ci95=list(refusal.quality.ci95),
+                         degenerate_rate=refusal.quality.degenerate_rate, n_prompts=refusal.refusal.n)
+            records += [{"alpha": alpha, "set": self.cfg.eval.refusal.name, **r} for r in refusal.records]
         with _timed(timings, "over_refusal"):
-            for name, prompts in self.data.over_refusal.items():
-                if not prompts:
-                    continue
-                responses = self._responses(prompts, f"{name} a={alpha:g}")
-                judged = evaluate_responses(prompts, responses, is_refusal=self.classifier,
-                                            quality_n=self.cfg.eval.quality_n)
-                per_set[name] = {"rate": judged.refusal.rate, "ci95": list(judged.refusal.ci95), "n": judged.refusal.n}
-                flags += [r["refused"] for r in judged.records]
-                records += [{"alpha": alpha, "set": name, **r} for r in judged.records]
+            per_set, set_records = self._refusal_per_set(self.data.over_refusal, alpha)
+        flags = [r["refused"] for r in set_records]
+        records += set_records
         pooled = refusal_rate(flags) if flags else None
         point.update(over_refusal_rate=pooled.rate if pooled else None,
                      over_refusal_ci95=list(pooled.ci95) if pooled else None, over_refusal=per_set)
+        if self.data.generalisation:
+            with _timed(timings, "generalisation"):
+                point["generalisation"], set_records = self._refusal_per_set(self.data.generalisation, alpha)
+            records += set_records
         with _timed(timings, "mmlu"):
             mmlu = evaluate_mmlu(self.lm.model, self.lm.tokenizer, self.data.mmlu, k_shot=self.cfg.eval.mmlu.k_shot,
                                  batch_size=self.cfg.batch_size) if self.data.mmlu else None
@@ -287,7 +341,7 @@ def search_objectives(results: dict, search: DictConfig) -> list[float]:
     point = max(results["points"], key=lambda p: p["alpha"])
     values = [float(point[name]) for name in search.objectives]
     floor = search.get("min_quality")
-    shortfall = 0.0 if floor is None else max(0.0, floor - point["quality"])
+    shortfall = 0.0 if floor is None or point["quality"] is None else max(0.0, floor - point["quality"])
     if shortfall > 0:
         values = [value + INFEASIBLE * (1 + shortfall) for value in values]
     return values
@@ -340,6 +394,23 @@ def _plots(run_dir: Path) -> dict[str, Path]:
         return {}
 
 
+def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
+    """Everything the unsteered point (alpha = 0) depends on, and nothing about the recipe: at m = 1 (alpha = 0)
+    every intervention leaves the model bit-identical, so one baseline serves every method and circuit."""
+    fields = {
+        "format": BASELINE_FORMAT,
+        "model": OmegaConf.to_container(cfg.model, resolve=True), "source": str(lm.source),
+        "dtype": str(next(lm.model.parameters()).dtype),
+        "eval": OmegaConf.to_container(cfg.eval, resolve=True),
+        "prompts": {"refusal": data.refusal, "over_refusal": data.over_refusal, "kl": data.kl,
+                    "generalisation": data.generalisation, "mmlu": [asdict(question) for question in data.mmlu]},
+        "generation": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+        "refusal_phrases": list(REFUSAL_PHRASES),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
 def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> dict:
     """Run one job into `run_dir` and return its results (the content of results.json)."""
     run_dir = Path(run_dir)
@@ -364,23 +435,36 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     done = {p["alpha"]: p for p in previous["points"]} if previous else {}
     finished_records = _keep_finished_generations(run_dir, set(done))
     results = {"model": model_name, "method": cfg.method.name, "status": "running", "config_sha256": sha,
+               "in_sample": data.in_sample, "discovery_overlap": data.overlap,
+               **({"generalisation_removed": data.generalisation_removed} if data.generalisation else {}),
                "points": list(done.values()), "timings_s": timings,
                "cache": {"hits": cache.hits, "misses": cache.misses}}
+    baselines = BaselineCache(Path(cfg.cache_dir) / "baselines" if cfg.cache_dir and cfg.reuse_baseline else None)
     tracker: Tracker = make_tracker(cfg, run_dir=run_dir, group=group)
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
         tracker.log_generations(finished_records)
+        unsteered = baseline_key(cfg, lm, data)
         with _timed(timings, "kl_reference"):
-            evaluator = Evaluator(cfg, lm, data)
+            evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute))
         if evaluator.judge_description:
             results["judge"] = evaluator.judge_description
         for alpha, multiplier in strength_points(cfg):
             if alpha in done:
                 tracker.log_point(done[alpha])
                 continue
-            with _steered(intervention, alpha, multiplier):
-                point, records, point_timings = evaluator.point(alpha, multiplier)
-            point_timings.update(evaluator.judge(point, records))  # unsteered
+            key = unsteered if alpha == 0.0 else None
+            cached = baselines.get(key) if key else None
+            if cached:  # judged already when it was stored: the baseline key covers eval.judge
+                point, records = cached
+                point, point_timings = {**point, "alpha": alpha, "multiplier": multiplier, "reused": True}, {}
+                log.info("alpha 0: the unsteered point is reused from the baseline cache")
+            else:
+                with _steered(intervention, alpha, multiplier):
+                    point, records, point_timings = evaluator.point(alpha, multiplier)
+                point_timings.update(evaluator.judge(point, records))  # unsteered
+                if key:
+                    baselines.put(key, point, records)
             for stage, seconds in point_timings.items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
             with (run_dir / GENERATIONS).open("a", encoding="utf-8") as lines:
@@ -389,7 +473,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
             write_json_atomic(run_dir / RESULTS, results)
             tracker.log_point(point)
             tracker.log_generations(records)
-            log.info("alpha %g: refusal %.3f, quality %.3f", alpha, point["refusal_rate"], point["quality"])
+            log.info("alpha %g: refusal %s, quality %s", alpha, point["refusal_rate"], point["quality"])
         results["status"] = "complete"
         write_json_atomic(run_dir / RESULTS, results)
         tracker.log_images(_plots(run_dir))

@@ -25,6 +25,7 @@ from matplotlib.ticker import MaxNLocator
 
 from cna.circuit import Circuit, Neuron, localisation, overlap
 from cna.errors import CnaError
+from cna.evaluation.intervals import difference_interval
 
 RESULTS, CIRCUIT, OVERRIDES = "results.json", "circuit.json", Path(".hydra") / "overrides.yaml"
 DPI = 110
@@ -554,11 +555,80 @@ def _direction_line(run: Run) -> str:
             f"|v| = {_fmt(data.get('vector_norm'), '.4g')}")
 
 
+def _in_sample_text(run: Run) -> str:
+    """'no', 'yes (set: n, ...)', or n/a for results written before the overlap was recorded."""
+    if "in_sample" not in run.results:
+        return _MISSING
+    overlap = {name: n for name, n in (run.results.get("discovery_overlap") or {}).items() if n}
+    return "yes (" + ", ".join(f"{name}: {n}" for name, n in overlap.items()) + ")" if overlap else "no"
+
+
+@dataclass(frozen=True)
+class RefusalChange:
+    """A run's refusal at its strongest point against its own unsteered point (alpha = 0)."""
+
+    run: Run
+    baseline: dict
+    steered: dict
+    change: float
+    ci95: tuple[float, float]
+
+    @property
+    def verdict(self) -> str:
+        if self.ci95[1] < 0:
+            return "reduced"
+        return "raised" if self.ci95[0] > 0 else "no significant change"
+
+    def describe(self) -> str:
+        before, after = self.baseline, self.steered
+        return (f"{_fmt_ci(before['refusal_rate'], before.get('refusal_ci95'), '.2f')} -> "
+                f"{_fmt_ci(after['refusal_rate'], after.get('refusal_ci95'), '.2f')} at alpha {after['alpha']:g}, "
+                f"change {self.change:+.2f} [{self.ci95[0]:+.2f}, {self.ci95[1]:+.2f}]")
+
+
+def refusal_changes(runs: list[Run]) -> list[RefusalChange]:
+    """Baseline vs strongest steered point, for every run that has both (and their intervals)."""
+    changes = []
+    for run in runs:
+        points = {p["alpha"]: p for p in run.points if _number(p.get("refusal_rate"))}
+        steered = [alpha for alpha in points if alpha > 0]
+        if 0.0 not in points or not steered:
+            continue
+        baseline, strongest = points[0.0], points[max(steered)]
+        cis = [p.get("refusal_ci95") for p in (baseline, strongest)]
+        if not all(isinstance(ci, (list, tuple)) and len(ci) == 2 for ci in cis):
+            continue
+        ci95 = difference_interval(baseline["refusal_rate"], cis[0], strongest["refusal_rate"], cis[1])
+        changes.append(RefusalChange(run, baseline, strongest, strongest["refusal_rate"] - baseline["refusal_rate"],
+                                     ci95))
+    return changes
+
+
+def effect_sentence(changes: list[RefusalChange]) -> str:
+    """One sentence: which runs reduced refusal and by how much, and what the others did, with intervals."""
+    reduced = [c for c in changes if c.verdict == "reduced"]
+    others = [c for c in changes if c.verdict != "reduced"]
+    listed_others = "; ".join(f"{c.run.display} ({c.verdict}: {c.describe()})" for c in others)
+    if not reduced:
+        return f"None of the {len(changes)} run(s) reduced refusal: {listed_others}."
+    sentence = "Reduced refusal: " + "; ".join(f"{c.run.display} ({c.describe()})" for c in reduced)
+    return sentence + (f"; did not: {listed_others}." if others else ".")
+
+
 def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, Path],
                   skipped: list[tuple[Path, str]] = ()) -> Path:
     incomplete = sum(not run.complete for run in runs)
     lines = ["# cna report", "", f"{len(runs)} run(s) under `{folder}`"
              + (f", {incomplete} incomplete" if incomplete else "") + ".", ""]
+    changes = refusal_changes(runs)
+    if changes:
+        lines += [effect_sentence(changes), "",
+                  "(Change: the strongest point minus the same run's alpha = 0 point; 95% interval by Newcombe's "
+                  "method, conservative for the shared prompts.)", ""]
+    in_sample = [run for run in runs if run.results.get("in_sample")]
+    if in_sample:
+        lines += [f"**In-sample:** {len(in_sample)} run(s) discovered their circuit on prompts they are also "
+                  "evaluated on (see the in-sample column); their numbers are not held-out results.", ""]
 
     lines += ["## Runs", ""]
     run_rows = []
@@ -566,8 +636,9 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
         timings = run.results.get("timings_s") or {}
         total = sum(v for v in timings.values() if _number(v))
         run_rows.append([run.display, run.model, run.method, run.status, str(len(run.points)),
-                         f"{total:.0f}" if timings else _MISSING, _folder_name(run.path, folder)])
-    lines += _table(["run", "model", "method", "status", "points", "time (s)", "folder"], run_rows) + [""]
+                         f"{total:.0f}" if timings else _MISSING, _in_sample_text(run), _folder_name(run.path, folder)])
+    lines += _table(["run", "model", "method", "status", "points", "time (s)", "in-sample discovery", "folder"],
+                    run_rows) + [""]
 
     lines += ["## Points", ""]
     rows = [point_row(run, point) for run in runs for point in run.points]

@@ -27,6 +27,7 @@ import re
 import socket
 import struct
 import threading
+import time
 import urllib.request
 import zlib
 from collections.abc import Iterator, Mapping
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 GENERATION_COLUMNS = ("alpha", "set", "prompt", "response", "refused", "quality")
+# The rows at alpha = 1 (full ablation) as a table of their own: W&B's table panels cannot filter rows.
+FULL_STRENGTH_TABLE = "generations_alpha_1"
 PROBE_TIMEOUT_S = 3.0
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 _WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
@@ -204,7 +207,10 @@ class WandbTracker(Tracker):
         with self._guard("logging the generations table"):
             if self._records:
                 # In the summary rather than the history: no extra history row, and still one table artifact.
-                self.run.summary["generations"] = self._table()
+                self.run.summary["generations"] = self._table(self._records)
+                full_strength = [record for record in self._records if record.get("alpha") == 1.0]
+                if full_strength:
+                    self.run.summary[FULL_STRENGTH_TABLE] = self._table(full_strength)
         if self.run is None:
             return
         with self._guard("finishing the run"):
@@ -218,10 +224,10 @@ class WandbTracker(Tracker):
             if self.offline_dir is not None:
                 log.info("W&B run saved offline; upload it with: wandb sync %s", self.offline_dir)
 
-    def _table(self) -> Any:
-        extra = [k for k in dict.fromkeys(k for r in self._records for k in r) if k not in GENERATION_COLUMNS]
+    def _table(self, records: list[dict]) -> Any:
+        extra = [k for k in dict.fromkeys(k for r in records for k in r) if k not in GENERATION_COLUMNS]
         columns = [*GENERATION_COLUMNS, *extra]
-        rows = [[record.get(column) for column in columns] for record in self._records]
+        rows = [[record.get(column) for column in columns] for record in records]
         return self._wandb.Table(columns=columns, data=rows, allow_mixed_types=True)
 
 
@@ -422,20 +428,28 @@ def offline_run_files(path: str | Path) -> list[Path]:
     return []
 
 
-def read_offline_run(path: str | Path) -> OfflineRun:
+def read_offline_run(path: str | Path, wait_s: float = 30.0) -> OfflineRun:
     """Read a run's local transaction log (the newest run under `path`, see `offline_run_files`): what
-    `wandb sync` would upload, without uploading it."""
+    `wandb sync` would upload, without uploading it.
+
+    `run.finish()` can return before W&B's writer process has written the log's last records (seen on a
+    loaded machine), so a log without its exit record is read again for up to `wait_s` seconds.
+    """
     from wandb.proto import wandb_internal_pb2
 
     files = offline_run_files(path)
     if not files:
         raise FileNotFoundError(f"{path}: no W&B run (wandb/offline-run-*/run-*.wandb) found")
-    run = OfflineRun(path=files[-1])
-    for chunk in _transaction_records(files[-1]):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(chunk)
-        _apply(run, record)
-    return run
+    deadline = time.monotonic() + wait_s
+    while True:
+        run = OfflineRun(path=files[-1])
+        for chunk in _transaction_records(files[-1]):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            _apply(run, record)
+        if run.exit_code is not None or time.monotonic() > deadline:
+            return run
+        time.sleep(0.2)
 
 
 def _transaction_records(path: Path) -> Iterator[bytes]:

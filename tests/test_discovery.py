@@ -11,6 +11,7 @@ from cna.discovery import (
     rank_neurons,
     residual_direction,
     resolve_k,
+    resolve_layer_range,
     select_circuit,
     universal_neurons,
 )
@@ -179,6 +180,19 @@ def test_layer_range_restricts_the_circuit():
     assert [n.key for n in circuit.neurons] == [(2, 2), (2, 1), (2, 0), (1, 2)]
     with pytest.raises(ConfigError, match="layer range"):
         select_circuit(scores_from_delta(delta), model="m", k=1, layers=(2, 5))
+
+
+def test_layer_ranges_by_index_or_by_fraction_of_depth():
+    assert resolve_layer_range(None, 24) is None
+    assert resolve_layer_range([3, 7], 24) == (3, 7) and resolve_layer_range([20, None], 24) == (20, 24)
+    # Fractions widen to whole layers, so the range covers at least the fraction asked for.
+    assert resolve_layer_range([0.9, 1.0], 24) == (21, 24)  # 2.4 layers asked: the final 3
+    assert resolve_layer_range([0.9, 1.0], 30) == (27, 30)  # exactly the final 10%
+    assert resolve_layer_range([0.9, None], 30) == (27, 30)
+    assert resolve_layer_range([0.0, 0.5], 24) == (0, 12)
+    assert resolve_layer_range([0, 1.0], 24) == (0, 24)  # one float makes it the fraction form
+    with pytest.raises(ConfigError, match=r"method.layers: \[30, 40\) is not within \[0, 24\)"):
+        resolve_layer_range([30, 40], 24)
 
 
 def test_unknown_sign_is_rejected():

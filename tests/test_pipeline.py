@@ -131,3 +131,71 @@ def test_search_objectives_are_read_at_the_strongest_point_and_penalised_below_t
     penalised = search_objectives(results, search)
     assert penalised == pytest.approx([0.25 + INFEASIBLE * 1.1, 0.1 + INFEASIBLE * 1.1])
     assert search_objectives(results, OmegaConf.create({"objectives": ["refusal_rate"]})) == [0.25]  # no floor
+
+
+def test_in_sample_discovery_is_recorded_everywhere(tiny_folder, tmp_path):
+    """The paper's Table 3 setting (discovery on the JBB goals it evaluates) is flagged, with the overlap."""
+    cfg = small_job(tiny_folder, tmp_path / "cache", "prompts=jbb_in_sample", "prompts.n_positive=null",
+                    "prompts.n_negative=null", "alphas=[0.0]")
+    results = run(cfg, tmp_path / "in")
+    circuit = json.loads((tmp_path / "in" / CIRCUIT).read_text())
+    assert results["in_sample"] is True and circuit["prompts"]["in_sample"] is True
+    # All 4 evaluated harmful goals and all 3 benign ones are among the 200 discovery prompts.
+    assert results["discovery_overlap"]["jbb_harmful"] >= 4 and results["discovery_overlap"]["jbb_benign"] >= 3
+    assert circuit["prompts"]["overlap"] == results["discovery_overlap"]
+    assert circuit["prompts"]["positive"] == 100 and circuit["prompts"]["negative"] == 100
+    held_out = run(small_job(tiny_folder, tmp_path / "cache", "prompts=paper_appendix", "prompts.n_positive=null",
+                             "prompts.n_negative=null", "alphas=[0.0]"),
+                   tmp_path / "out")
+    assert held_out["in_sample"] is False and not any(held_out["discovery_overlap"].values())
+    assert json.loads((tmp_path / "out" / CIRCUIT).read_text())["prompts"]["positive"] == 8
+
+
+def test_fraction_layer_ranges_reach_the_circuit(tiny_folder, tmp_path):
+    cfg = small_job(tiny_folder, tmp_path / "cache", "method.k=4", "method.layers=[0.5,1.0]", "alphas=[0.0]")
+    run(cfg, tmp_path / "run")
+    circuit = json.loads((tmp_path / "run" / CIRCUIT).read_text())
+    n_layers = circuit["n_layers"]
+    assert circuit["settings"]["layers_requested"] == [0.5, 1.0]
+    assert circuit["settings"]["layers"] == [n_layers // 2, n_layers]
+    assert all(n["layer"] >= n_layers // 2 for n in circuit["neurons"])
+
+
+def test_the_unsteered_point_is_computed_once_and_reused_identically(tiny_folder, tmp_path):
+    first = run(small_job(tiny_folder, tmp_path / "cache", "method.k=3"), tmp_path / "a")
+    # Another recipe and another method: the alpha = 0 point does not depend on either.
+    second = run(small_job(tiny_folder, tmp_path / "cache", "method=caa"), tmp_path / "b")
+    computed = run(small_job(tiny_folder, tmp_path / "cache", "method=caa", "reuse_baseline=false"), tmp_path / "c")
+    assert "reused" not in first["points"][0] and "reused" not in computed["points"][0]
+    reused = second["points"][0]
+    assert reused.pop("reused") is True
+    assert reused == computed["points"][0]
+    assert reused == {**first["points"][0], "multiplier": None}  # CNA's m = 1 is CAA's no multiplier
+    assert second["points"][1] == computed["points"][1]  # KL against the cached reference is the same number
+    assert len(list((tmp_path / "cache" / "baselines").glob("*.kl.safetensors"))) == 1
+    baseline_lines = [[line for line in generation_lines(tmp_path / d) if line["alpha"] == 0.0] for d in "abc"]
+    assert baseline_lines[0] == baseline_lines[1] == baseline_lines[2]
+    assert "generation" not in second["timings_s"] or second["timings_s"]["generation"] < computed["timings_s"][
+        "generation"]
+    # A different evaluation is a different baseline.
+    other = run(small_job(tiny_folder, tmp_path / "cache", "eval.refusal.n=5"), tmp_path / "d")
+    assert "reused" not in other["points"][0]
+
+
+def test_generalisation_sets_drop_discovery_copies_and_are_scored_per_set(tiny_folder, tmp_path):
+    cfg = small_job(tiny_folder, tmp_path / "cache", "prompts=jbb_in_sample", "prompts.n_positive=null",
+                    "prompts.n_negative=null", "eval.refusal.n=0", "eval.mmlu.n=0",
+                    f"+eval.generalisation.advbench.source.path={data_dir()}/advbench/harmful_behaviors.csv",
+                    "+eval.generalisation.advbench.source.column=goal", "+eval.generalisation.advbench.n=5")
+    results = run(cfg, tmp_path / "run")
+    # AdvBench holds about 27 near copies of JBB goals; discovery here is on the JBB goals themselves.
+    assert 20 <= results["generalisation_removed"]["advbench"] <= 40
+    assert results["discovery_overlap"]["advbench"] == 0
+    for point in results["points"]:
+        assert point["refusal_rate"] is None and point["n_prompts"] == 0  # the refusal set is off
+        assert set(point["generalisation"]["advbench"]) == {"rate", "ci95", "n", "quality"}
+        assert point["generalisation"]["advbench"]["n"] == 5
+    lines = generation_lines(tmp_path / "run")
+    assert sum(line["set"] == "advbench" for line in lines) == 2 * 5
+    jbb = {line["prompt"] for line in lines if line["set"] == "jbb_benign"}
+    assert len(jbb) == 3

@@ -245,3 +245,33 @@ def test_pareto_front_keeps_the_undominated_points_above_the_quality_floor(tmp_p
     summary = write_report(tmp_path)["summary"].read_text()
     section = summary.split("## Pareto front: refusal vs KL at quality >= 0.97")[1].split("## ")[0]
     assert section.count("| method=") == 3 and "| method=caa |" not in section
+
+
+def test_the_summary_says_which_runs_reduced_refusal_with_intervals(tmp_path):
+    from cna.report import effect_sentence, refusal_changes
+
+    def job(name: str, before: float, after: float, n: int = 100, **extra) -> Path:
+        from cna.evaluation.intervals import wilson_interval
+
+        points = [{"alpha": alpha, "refusal_rate": rate, "refusal_ci95": list(wilson_interval(round(rate * n), n)),
+                   "n_prompts": n} for alpha, rate in ((0.0, before), (1.0, after))]
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({"model": "m", "method": name, "status": "complete",
+                                                         "points": points, **extra}))
+        return folder
+
+    job("cna", 0.53, 0.26)
+    job("random", 0.53, 0.55)
+    job("caa", 0.30, 0.60, in_sample=True, discovery_overlap={"jbb_harmful": 100, "kl": 0})
+    runs, _ = find_runs(tmp_path)
+    changes = {c.run.method: c for c in refusal_changes(runs)}
+    assert changes["cna"].verdict == "reduced" and changes["cna"].change == pytest.approx(-0.27)
+    assert changes["cna"].ci95[0] < -0.27 < changes["cna"].ci95[1] < 0
+    assert changes["random"].verdict == "no significant change" and changes["caa"].verdict == "raised"
+    sentence = effect_sentence(list(changes.values()))
+    assert sentence.startswith("Reduced refusal: m/cna (0.53 [0.43, 0.62] -> 0.26 [") and "did not: " in sentence
+    assert "m/random (no significant change: " in sentence and "m/caa (raised: " in sentence
+    assert effect_sentence([changes["random"]]).startswith("None of the 1 run(s) reduced refusal: m/random")
+    summary = write_report(tmp_path)["summary"].read_text()
+    assert sentence in summary and "**In-sample:** 1 run(s)" in summary and "yes (jbb_harmful: 100)" in summary

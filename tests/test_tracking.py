@@ -122,6 +122,7 @@ def test_offline_run_records_points_summary_config_circuit_and_generations(offli
     assert summary["timings_s/generation"] == 3.25 and summary["circuit/k"] == 2
     assert summary["generations"]["_type"] == "table-file"
     assert summary["generations"]["nrows"] == 6
+    assert summary[tracking.FULL_STRENGTH_TABLE]["nrows"] == 2  # the rows at alpha = 1
 
     circuits = [a for a in run.artifacts if a["type"] == "circuit"]
     assert len(circuits) == 1 and circuits[0]["files"] == ["circuit.json"]

@@ -31,3 +31,14 @@ def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resample
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return (float(low), float(high))
+
+
+def difference_interval(before: float, before_ci: Sequence[float], after: float,
+                        after_ci: Sequence[float]) -> tuple[float, float]:
+    """95% interval of after - before for two rates, from their Wilson intervals (Newcombe's hybrid score method).
+
+    It treats the two rates as independent samples, which is conservative when they share prompts.
+    """
+    low = (after - before) - math.sqrt((after - after_ci[0]) ** 2 + (before_ci[1] - before) ** 2)
+    high = (after - before) + math.sqrt((after_ci[1] - after) ** 2 + (before - before_ci[0]) ** 2)
+    return (max(-1.0, low), min(1.0, high))

@@ -1,0 +1,9 @@
+"""W&B dashboards as code: the comparison workspace of cna runs (`python -m cna.dashboard`).
+
+`spec` holds the panel layout and the metric keys, named as the tracker logs them; `workspace` turns it into
+a `wandb-workspaces` workspace or report (an optional dependency: `pip install 'cna[dashboard]'`).
+"""
+
+from cna.dashboard.spec import DASHBOARD, OPTIONAL, DashboardSpec, Key, Panel, Section, logged_keys, missing_keys
+
+__all__ = ["DASHBOARD", "OPTIONAL", "DashboardSpec", "Key", "Panel", "Section", "logged_keys", "missing_keys"]

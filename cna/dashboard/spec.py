@@ -1,0 +1,197 @@
+"""The comparison dashboard as data: every panel, and every metric it reads, named as the tracker logs it.
+
+A key names a value and where W&B keeps it: `history` (one value per strength point, against alpha; the
+names of `cna.tracking.point_metrics`, i.e. the results.json point fields), `summary` (a run's final values:
+its last point, plus the generations tables) or `config` (a dotted path into the job's Hydra config).
+`missing_keys` checks the keys against what runs really logged, so a metric renamed in the contract
+breaks a test rather than a dashboard. Keys a default job does not log are listed once, in `OPTIONAL`,
+with the condition under which they appear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from cna.errors import ConfigError
+from cna.tracking import FULL_STRENGTH_TABLE, OfflineRun
+
+SOURCES = ("history", "summary", "config")
+
+
+@dataclass(frozen=True)
+class Key:
+    source: str  # history | summary | config
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.name}"
+
+
+def history(name: str) -> Key:
+    return Key("history", name)
+
+
+def summary(name: str) -> Key:
+    return Key("summary", name)
+
+
+def config(name: str) -> Key:
+    return Key("config", name)
+
+
+@dataclass(frozen=True)
+class Panel:
+    """kind: `line` (y against alpha, one line per group), `scatter` (x, y: one point per run), `parallel`
+    (one axis per key, one line per run), `table` (a summary table), `images` (logged plots)."""
+
+    kind: str
+    title: str
+    keys: tuple[Key, ...]
+    about: str
+
+    def __post_init__(self) -> None:
+        arity = {"scatter": 2, "table": 1}.get(self.kind)
+        if self.kind not in ("line", "scatter", "parallel", "table", "images"):
+            raise ConfigError(f"panel {self.title!r}: kind: expected line, scatter, parallel, table or images, "
+                              f"got {self.kind!r}")
+        if (arity is not None and len(self.keys) != arity) or not self.keys:
+            raise ConfigError(f"panel {self.title!r}: expected {arity or 'at least 1'} keys, got {len(self.keys)}")
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    panels: tuple[Panel, ...]
+
+
+@dataclass(frozen=True)
+class DashboardSpec:
+    x_axis: Key  # the step metric of every line panel
+    group_by: tuple[Key, ...]  # runs are grouped (and coloured) by these, outermost first
+    group_colours: Mapping[str, str]  # first grouping level (the method) -> colour
+    sections: tuple[Section, ...]
+    optional: Mapping[Key, str] = field(default_factory=dict)  # key -> when it is logged
+    max_runs: int = 100  # runs per panel (W&B's default of 10 would cut a k x sign x threshold sweep short)
+
+    def panels(self) -> Iterator[Panel]:
+        for section in self.sections:
+            yield from section.panels
+
+    def used_keys(self) -> list[Key]:
+        """Every key the dashboard reads, once, in order of first use."""
+        used = [self.x_axis, *self.group_by, *(key for panel in self.panels() for key in panel.keys)]
+        return list(dict.fromkeys(used))
+
+    def validate(self) -> None:
+        """Sources are known and every optional key is one a panel reads (so the optional list cannot go stale)."""
+        used = set(self.used_keys())
+        for key in [*used, *self.optional]:
+            if key.source not in SOURCES:
+                raise ConfigError(f"dashboard key {key}: source: expected one of {', '.join(SOURCES)}")
+        unused = sorted(str(key) for key in self.optional if key not in used)
+        if unused:
+            raise ConfigError(f"dashboard optional keys read by no panel: {', '.join(unused)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "x_axis": str(self.x_axis),
+            "group_by": [str(key) for key in self.group_by],
+            "group_colours": dict(self.group_colours),
+            "sections": [{"name": section.name,
+                          "panels": [{**asdict(panel), "keys": [str(key) for key in panel.keys]}
+                                     for panel in section.panels]}
+                         for section in self.sections],
+            "optional": {str(key): when for key, when in self.optional.items()},
+            "max_runs": self.max_runs,
+        }
+
+
+JUDGE_SET = "logged only when eval.judge is set (the LLM judge)"
+
+# The one list of keys a job with the default evaluation does not always log.
+OPTIONAL: dict[Key, str] = {
+    history("judge_refusal_rate"): JUDGE_SET,
+    history("judge_score"): JUDGE_SET,
+    summary("judge_refusal_rate"): JUDGE_SET,
+    config("method.score"): "logged only by a method config that has a `score` option (the neuron score)",
+}
+
+_STRONGEST = "each run's last strength point (its summary; alpha = 1 in the default sweep)"
+
+DASHBOARD = DashboardSpec(
+    x_axis=history("alpha"),
+    group_by=(config("method.name"), config("model.name")),
+    group_colours={"cna": "#1f77b4", "caa": "#d62728", "direction": "#2ca02c", "random": "#7f7f7f"},
+    sections=(
+        Section("Against alpha, by method and model", (
+            Panel("line", "Refusal rate: keyword classifier, and LLM judge where logged",
+                  (history("refusal_rate"), history("judge_refusal_rate")),
+                  "Share of the harmful evaluation prompts refused, per strength alpha; one line per method and "
+                  "model (the mean over the runs in the group)."),
+            Panel("line", "Quality and degenerate rate", (history("quality"), history("degenerate_rate")),
+                  "1 - repeated word trigrams of the responses, and the share of empty or too-short ones."),
+            Panel("line", "LLM judge score", (history("judge_score"),),
+                  "The judge's mean response score, where a judge ran."),
+            Panel("line", "MMLU accuracy", (history("mmlu_accuracy"),),
+                  "Multiple-choice accuracy under the same intervention (chance is 0.25)."),
+            Panel("line", "KL divergence from the unsteered model", (history("kl_divergence"),),
+                  "KL(steered || unsteered) of the next-token distribution at the first response token."),
+            Panel("line", "Over-refusal on benign prompts",
+                  (history("over_refusal_rate"), history("over_refusal/jbb_benign"),
+                   history("over_refusal/xstest_safe")),
+                  "Refusal rate on benign requests, pooled and per set: what steering must not raise."),
+        )),
+        Section("Across runs", (
+            Panel("scatter", "Refusal vs KL, coloured by method",
+                  (summary("kl_divergence"), summary("refusal_rate")),
+                  f"One point per run at {_STRONGEST}: lower-left is the better trade-off."),
+            Panel("scatter", "Judge refusal vs KL, coloured by method",
+                  (summary("kl_divergence"), summary("judge_refusal_rate")),
+                  f"The same with the LLM judge's refusal rate, at {_STRONGEST}."),
+        )),
+        Section("Recipe sweep: k fraction x sign x threshold x score", (
+            Panel("parallel", "Selection knobs against the outcome",
+                  (config("method.k_fraction"), config("method.sign"), config("method.universal.threshold"),
+                   config("method.score"), summary("refusal_rate"), summary("kl_divergence"), summary("quality")),
+                  f"One line per run from its selection settings to its refusal, KL and quality at {_STRONGEST}."),
+        )),
+        Section("Generations at alpha = 1", (
+            Panel("table", "Every response at full strength", (summary(FULL_STRENGTH_TABLE),),
+                  "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality) per run."),
+        )),
+        Section("Circuit", (
+            Panel("images", "Neurons per layer", (history("plots/layer_histogram"),),
+                  "The layer histogram of each neuron circuit (cna and random runs)."),
+        )),
+    ),
+    optional=OPTIONAL,
+)
+
+
+# --- checking the keys against logged runs ----------------------------------------------------------------------
+
+def _dotted(prefix: str, value: Any) -> Iterator[str]:
+    if prefix:
+        yield prefix
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _dotted(f"{prefix}.{key}" if prefix else str(key), item)
+
+
+def logged_keys(runs: Iterable[OfflineRun]) -> set[Key]:
+    """Every key that at least one of the runs logged: history columns, summary entries, config paths."""
+    logged: set[Key] = set()
+    for run in runs:
+        logged.update(history(name) for row in run.history for name in row)
+        logged.update(summary(name) for name in run.summary)
+        logged.update(config(name) for name in _dotted("", run.config))
+    return logged
+
+
+def missing_keys(runs: Iterable[OfflineRun], spec: DashboardSpec = DASHBOARD) -> list[str]:
+    """The keys the dashboard reads that none of the runs logged, less the declared optional ones."""
+    spec.validate()
+    logged = logged_keys(runs)
+    return [str(key) for key in spec.used_keys() if key not in logged and key not in spec.optional]
