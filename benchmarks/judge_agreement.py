@@ -1,7 +1,8 @@
 """Refusal judges against hand labels: agreement and Cohen's kappa, and judging time per 100 responses.
 
     python benchmarks/judge_agreement.py [--labels tests/data/qwen_refusal_labels.jsonl] [--judges yesno strongreject]
-        [--backend hf|openai] [--base-url URL --model NAME] [--cache DIR] [--out docs/judge_agreement.json]
+        [--backend hf|openai] [--base-url URL --model NAME | --serve MODEL_FOLDER] [--cache DIR] [--limit N]
+        [--out docs/judge_agreement.json]
 
 Each labelled row has `prompt`, `response`, `refused` (the hand label) and `condition`. The keyword classifier
 and every judge are compared with the labels over all rows and per condition; a judge's unreadable answers are
@@ -16,8 +17,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from cna.evaluation.judges import Judge, VerdictCache, make_judge
+from cna.evaluation.judges import Judge, Verdict, VerdictCache, make_judge
 from cna.evaluation.refusal import KeywordRefusalClassifier
+from cna.judge import transformers_server
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,15 @@ def agreement(labels: list[bool], verdicts: list[bool | None]) -> dict:
 
 
 def main() -> None:
+    args = _arguments()
+    if args.serve is None:
+        return judge_and_report(args)
+    with transformers_server(args.serve) as url:
+        args.backend, args.base_url, args.model = "openai", url, str(args.serve)
+        return judge_and_report(args)
+
+
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", type=Path, default=ROOT / "tests" / "data" / "qwen_refusal_labels.jsonl")
     parser.add_argument("--judges", nargs="+", default=["yesno", "strongreject"])
@@ -51,9 +62,16 @@ def main() -> None:
     parser.add_argument("--local-name", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--limit", type=int, default=None, help="judge only the first N rows (timing runs)")
     parser.add_argument("--cache", type=Path, default=None, help="verdict cache folder (default: none)")
+    parser.add_argument("--serve", type=Path, default=None,
+                        help="a model folder: judge through `transformers serve` started on 127.0.0.1 for the run")
+    parser.add_argument("--cached-only", action="store_true",
+                        help="use only verdicts already in --cache (rows without one count as not judged)")
+    parser.add_argument("--chunk", type=int, default=16, help="rows per judge call: the cache fills as it goes")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def judge_and_report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in args.labels.open()][: args.limit]
     labels = [bool(r["refused"]) for r in rows]
     prompts, responses = [r["prompt"] for r in rows], [r["response"] for r in rows]
@@ -68,14 +86,26 @@ def main() -> None:
                                    "max_new_tokens": max_tokens[name], "batch_size": 8, "concurrency": 4,
                                    "timeout_s": 600, "retries": 1})
         judge.cache = VerdictCache(args.cache) if args.cache else None
+        if args.cached_only:
+            judge.backend.complete = _refuse_to_ask  # any cache miss fails loudly instead of loading work
         started = time.perf_counter()
-        judged = judge(prompts, responses)
+        judged: list[Verdict] = []
+        not_judged = 0  # --cached-only rows without a verdict: counted apart from unreadable answers
+        for start in range(0, len(rows), args.chunk):
+            chunk = slice(start, start + args.chunk)
+            if args.cached_only:
+                keys = [judge._key(p, r) for p, r in zip(prompts[chunk], responses[chunk], strict=True)]
+                found = [judge.cache.get(k) for k in keys]
+                not_judged += sum(v is None for v in found)
+                judged += [v or Verdict(None, None) for v in found]
+            else:
+                judged += judge(prompts[chunk], responses[chunk])
         seconds = time.perf_counter() - started
         hits = judge.cache.hits if judge.cache else 0
         verdicts[name] = [v.refused for v in judged]
         report["judges"][name] = {
             "seconds": round(seconds, 1), "judged_now": len(rows) - hits, "questions_asked": judge.questions_asked,
-            "retried": judge.retried,
+            "retried": judge.retried, "not_judged": not_judged,
             "seconds_per_100": round(100 * seconds / (len(rows) - hits), 1) if len(rows) > hits else None,
             "mean_score": _mean([v.score for v in judged if v.parsed]),
         }
@@ -103,6 +133,10 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         (args.out.with_suffix(".verdicts.jsonl")).write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def _refuse_to_ask(questions, max_new_tokens):
+    raise RuntimeError("--cached-only: a question reached the model")
 
 
 def _mean(values: list[float]) -> float | None:
