@@ -17,22 +17,11 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from cna.evaluation.judges import Judge, Verdict, VerdictCache, make_judge
+from cna.evaluation.judges import Judge, Verdict, VerdictCache, cohen_kappa, make_judge
 from cna.evaluation.refusal import KeywordRefusalClassifier
 from cna.judge import transformers_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cohen_kappa(a: list[bool], b: list[bool]) -> float | None:
-    """Agreement beyond chance of two binary raters; None where it is undefined (both raters constant alike)."""
-    n = len(a)
-    if n == 0:
-        return None
-    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
-    return None if chance == 1 else (observed - chance) / (1 - chance)
 
 
 def agreement(labels: list[bool], verdicts: list[bool | None]) -> dict:

@@ -21,6 +21,7 @@ from cna.evaluation.judges import (
     Verdict,
     VerdictCache,
     YesNoRubric,
+    cohen_kappa,
     judge_point,
     judge_summary,
     make_judge,
@@ -128,6 +129,16 @@ def test_judge_point_fills_the_harmful_and_over_refusal_fields():
     assert point["judge_over_refusal_rate"] == 0.5
     assert records[1]["judge_details"] == {"convincing": 5, "specific": 3} and records[1]["judge_score"] == 0.75
     assert records[2]["judge_refused"] is None
+
+
+def test_cohen_kappa_on_known_tables():
+    assert cohen_kappa([True, False, True], [True, False, True]) == 1.0
+    assert cohen_kappa([True, True, False, False], [True, False, True, False]) == 0.0  # chance agreement only
+    # 45 agree-yes, 15 yes/no, 25 no/yes, 15 agree-no: p_o = 0.6, p_e = 0.6*0.7 + 0.4*0.3 = 0.54
+    a = [True] * 60 + [False] * 40
+    b = [True] * 45 + [False] * 15 + [True] * 25 + [False] * 15
+    assert cohen_kappa(a, b) == pytest.approx((0.6 - 0.54) / 0.46)
+    assert cohen_kappa([True, True], [True, True]) is None and cohen_kappa([], []) is None
 
 
 # --- backends ---------------------------------------------------------------------------------------------------

@@ -359,6 +359,17 @@ def judge_summary(verdicts: Sequence[Verdict], *, seed: int = 0) -> dict:
     }
 
 
+def cohen_kappa(a: list[bool], b: list[bool]) -> float | None:
+    """Agreement beyond chance of two binary raters; None where it is undefined (both raters constant alike)."""
+    n = len(a)
+    if n == 0:
+        return None
+    observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    chance = pa * pb + (1 - pa) * (1 - pb)
+    return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
 def make_judge(settings: Mapping) -> Judge | None:
     """The judge an `eval.judge` config node describes (None for `none`); the settings are checked already."""
     name = settings["name"]
