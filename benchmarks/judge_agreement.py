@@ -83,7 +83,7 @@ def judge_and_report(args: argparse.Namespace) -> None:
         for start in range(0, len(rows), args.chunk):
             chunk = slice(start, start + args.chunk)
             if args.cached_only:
-                keys = [judge._key(p, r) for p, r in zip(prompts[chunk], responses[chunk], strict=True)]
+                keys = [judge.key(p, r) for p, r in zip(prompts[chunk], responses[chunk], strict=True)]
                 found = [judge.cache.get(k) for k in keys]
                 not_judged += sum(v is None for v in found)
                 judged += [v or Verdict(None, None) for v in found]

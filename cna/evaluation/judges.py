@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,8 +28,6 @@ from cna.circuit import write_text_atomic
 from cna.errors import CnaError, ConfigError
 from cna.evaluation.intervals import bootstrap_interval, wilson_interval
 from cna.evaluation.refusal import JUDGE_QUESTION, LLMRefusalJudge
-
-log = logging.getLogger(__name__)
 
 JUDGES = ("none", "yesno", "strongreject", "rating")
 BACKENDS = ("hf", "openai")
@@ -298,22 +294,17 @@ class Judge:
         self.rubric, self.backend, self.cache = rubric, backend, cache
         self.max_new_tokens, self.max_response_chars = max_new_tokens, max_response_chars
         self.questions_asked = 0  # questions sent to the backend, retries included
-        self.retried = 0
-        self._lock = threading.Lock()
+        self.retried = 0  # questions asked again with the reminder
 
-    @property
-    def identity(self) -> dict:
-        return {"name": self.rubric.name, "rubric_version": self.rubric.version, "model": self.backend.identity,
-                "max_response_chars": self.max_response_chars}
-
-    def _key(self, prompt: str, response: str) -> str:
+    def key(self, prompt: str, response: str) -> str:
+        """The verdict cache's key of one pair for this judge."""
         return verdict_key(f"{self.backend.identity}|{self.max_response_chars}", self.rubric.version, prompt,
                            response)
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
         if len(prompts) != len(responses):
             raise ValueError(f"need one response per prompt, got {len(prompts)} and {len(responses)}")
-        keys = [self._key(p, r) for p, r in zip(prompts, responses, strict=True)]
+        keys = [self.key(p, r) for p, r in zip(prompts, responses, strict=True)]
         verdicts: list[Verdict | None] = [self.cache.get(k) if self.cache else None for k in keys]
         missing = [i for i, v in enumerate(verdicts) if v is None]
         if missing:
@@ -339,8 +330,7 @@ class Judge:
         return verdicts  # type: ignore[return-value]
 
     def _ask(self, questions: list[str]) -> list[str]:
-        with self._lock:
-            self.questions_asked += len(questions)
+        self.questions_asked += len(questions)
         return self.backend.complete(questions, self.max_new_tokens)
 
 
