@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,6 +38,7 @@ def main() -> None:
     args = _arguments()
     if args.serve is None:
         return judge_and_report(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a killed run still stops its server (finally)
     with transformers_server(args.serve) as url:
         args.backend, args.base_url, args.model = "openai", url, str(args.serve)
         return judge_and_report(args)
@@ -49,6 +52,7 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="Qwen/Qwen2.5-Coder-0.5B-Instruct")
     parser.add_argument("--local-name", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--concurrency", type=int, default=4, help="openai backend: requests in flight")
     parser.add_argument("--limit", type=int, default=None, help="judge only the first N rows (timing runs)")
     parser.add_argument("--cache", type=Path, default=None, help="verdict cache folder (default: none)")
     parser.add_argument("--serve", type=Path, default=None,
@@ -72,7 +76,7 @@ def judge_and_report(args: argparse.Namespace) -> None:
     for name in args.judges:
         judge: Judge = make_judge({"name": name, "backend": args.backend, "model": args.model,
                                    "local_name": args.local_name, "base_url": args.base_url,
-                                   "max_new_tokens": max_tokens[name], "batch_size": 8, "concurrency": 4,
+                                   "max_new_tokens": max_tokens[name], "batch_size": 8, "concurrency": args.concurrency,
                                    "timeout_s": 600, "retries": 1})
         judge.cache = VerdictCache(args.cache) if args.cache else None
         if args.cached_only:
