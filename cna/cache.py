@@ -1,7 +1,8 @@
 """On-disk cache of discovery statistics, so a sweep over k, sign or filter threshold runs its forward passes once.
 
 The key covers everything the statistics depend on: the model (where it was loaded
-from, revision, dtype), its family's neuron site, the exact token ids of the prompt
+from, revision, dtype, quantisation settings, attention implementation, device type:
+`cna.models.activation_identity`), its family's neuron site, the exact token ids of the prompt
 set (so template and tokenizer changes miss), the token-position policy and the
 universal filter's top fraction.
 """
