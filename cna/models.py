@@ -144,12 +144,14 @@ def is_offloaded(module: nn.Module) -> bool:
 def is_quantized_module(module: nn.Module) -> bool:
     """Whether the module's weight is quantised, told by its quantisation state, not by its storage dtype.
 
-    bitsandbytes 4-bit weights may be stored as bfloat16 (`bnb_4bit_quant_storage`), so a dtype check passes them.
+    bitsandbytes 4-bit weights may be stored as bfloat16 (`bnb_4bit_quant_storage`), so a dtype check passes them;
+    integer weights (other quantisers) count as quantised too.
     """
     weight = getattr(module, "weight", None)
     return (type(module).__module__.startswith("bitsandbytes")
             or type(weight).__module__.startswith("bitsandbytes")
-            or getattr(weight, "quant_state", None) is not None)
+            or getattr(weight, "quant_state", None) is not None
+            or (isinstance(weight, torch.Tensor) and not weight.is_floating_point()))
 
 
 def is_quantized(model: nn.Module) -> bool:
