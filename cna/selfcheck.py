@@ -131,8 +131,9 @@ def two_gpu_sharding(folder: Path, vocab: int) -> Outcome:
     _cuda_devices(2)
     one = _load(folder, device_map={"": 0})
     n_layers = one.config.num_hidden_layers
-    split = {"": 0, **{f"model.layers.{i}": 1 for i in range(n_layers // 2, n_layers)}, "model.norm": 1,
-             "lm_head": 1}
+    # The tiny model is a Llama: embedding and first half on GPU 0, second half, norm and head on GPU 1.
+    split = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 1, "lm_head": 1,
+             **{f"model.layers.{i}": int(i >= n_layers // 2) for i in range(n_layers)}}
     two = _load(folder, device_map=split)
     prompts = _prompts(16, seed=4, vocab=vocab)
     a, b = _statistics(ArchitectureAdapter(one), prompts), _statistics(ArchitectureAdapter(two), prompts)
