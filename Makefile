@@ -8,7 +8,7 @@ export CNA_DATA_DIR ?= $(abspath $(SHARED)/data)
 
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 
-.PHONY: setup models lint test demo bench clean
+.PHONY: setup models lint test demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,11 @@ demo: setup
 # Speed and memory ratios on the two offline models (about 40 min on 2 CPU cores): benchmarks/results.json.
 bench: models
 	$(BIN)/python benchmarks/bench.py
+
+# The big-model check list (bf16, sharding, CPU spill, 4/8-bit, padding, ties): a few minutes on any CUDA machine;
+# checks that need CUDA print "skipped: no CUDA" elsewhere. Uses $(CNA_MODEL_CACHE)/smollm2-135m-instruct if present.
+gpu-check: setup
+	$(BIN)/python -m cna.selfcheck
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

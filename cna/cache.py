@@ -2,8 +2,9 @@
 
 - `StatisticsCache`: discovery statistics, so a sweep over k, sign or filter threshold runs its forward
   passes once. The key covers everything the statistics depend on: the model (where it was loaded from,
-  revision, dtype), its family's neuron site, the exact token ids of the prompt set (so template and
-  tokenizer changes miss), the token-position policy and the universal filter's top fraction.
+  revision, dtype, quantisation settings, attention implementation, device type:
+  `cna.models.activation_identity`), its family's neuron site, the exact token ids of the prompt set (so
+  template and tokenizer changes miss), the token-position policy and the universal filter's top fraction.
 - `BaselineCache`: the unsteered evaluation point (alpha = 0, m = 1) with its generation records, and the
   unsteered log-probabilities KL is measured against. They depend on the model and the evaluation, never on
   the recipe, so a multirun of N recipes computes them once.

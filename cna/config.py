@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cna.discovery import POSITIONS, SIGNS
 from cna.errors import ConfigError
 from cna.interventions import NEURON_MODES
 from cna.interventions import POSITIONS as STEER_POSITIONS
-from cna.models import DTYPES, MODEL_CACHE_ENV, QUANTIZATIONS
+from cna.models import DTYPES, MODEL_CACHE_ENV, QUANTIZATIONS, quantization_unavailable, resolve_device
 
 METHODS = ("cna", "caa", "direction", "random")
 NEURON_METHODS = ("cna", "random")
@@ -129,9 +128,9 @@ def _validate_model(cfg: DictConfig) -> None:
     _choice(cfg, "model.template", ("chat", "raw"))
     if model.quantization is not None:
         _choice(cfg, "model.quantization", (None, *QUANTIZATIONS))
-        if not torch.cuda.is_available():
-            _fail("model.quantization", "null on a machine without CUDA (bitsandbytes needs a GPU)",
-                  model.quantization)
+        problem = quantization_unavailable(model.quantization, resolve_device(model.device))
+        if problem:
+            raise ConfigError(problem)
     if model.path is not None and not (Path(model.path).expanduser() / "config.json").is_file():
         _fail("model.path", "a model folder with a config.json", model.path)
     if model.path is None and _offline() and not _in_cache(model.local_name):

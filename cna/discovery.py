@@ -113,12 +113,17 @@ def collect_statistics(
     neuron_values: list[torch.Tensor | None] = [None] * n_layers
 
     def prompt_values(hidden: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, H] float32: the value that stands for each prompt."""
+        """[B, T, H] -> [B, H] float32: the value that stands for each prompt.
+
+        The mean is taken in float32 (a bfloat16 sum over hundreds of tokens is off by up to 1%)
+        and padded positions are selected away, not multiplied by 0: a fully masked padding row
+        can hold NaN, and NaN * 0 is NaN.
+        """
         if position == "last":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             return hidden[rows, batch["last"].to(hidden.device)].float()
-        mask = batch["mask"].to(hidden.device, hidden.dtype).unsqueeze(-1)
-        return ((hidden * mask).sum(1) / mask.sum(1)).float()
+        real = batch["mask"].to(hidden.device, torch.bool).unsqueeze(-1)
+        return torch.where(real, hidden.float(), 0.0).sum(1) / real.sum(1)
 
     def neuron_reader(layer: int):
         def read(hidden: torch.Tensor) -> None:

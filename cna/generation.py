@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cna.batching import length_sorted_batches, pad_batch
+from cna.models import input_device
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -37,7 +38,7 @@ def generate(
         pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
     )
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     stops = set(eos_token_id)
     outputs: list[list[int] | None] = [None] * len(prompts)
     batches = list(length_sorted_batches(prompts, batch_size))

@@ -24,18 +24,18 @@ the `prompt` only (the prefill pass) or `generated` tokens only (later passes).
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import torch
 
 from cna.circuit import Circuit, ResidualDirection
 from cna.discovery import NeuronScores, random_circuit
 from cna.errors import ConfigError
-from cna.hooks import Hook, attached, map_input, map_output
+from cna.export import baked_weights as baked_weights  # re-exported: steering and its baked form
+from cna.export import export_baked_model as export_baked_model
+from cna.hooks import Hook, TensorMap, attached, map_input, map_output
 from cna.models import ArchitectureAdapter
 
 POSITIONS = ("all", "prompt", "generated")
@@ -49,17 +49,26 @@ def check_alpha(alpha: float) -> float:
 
 
 class _DeviceCache:
-    """A tensor kept once per (device, dtype) it is needed on: layers may sit on several GPUs."""
+    """A float32 tensor kept once per device it is needed on: layers may sit on several GPUs.
+
+    Hooks compute in float32 and round once to the activation's dtype: a factor cast to
+    bfloat16 first would be off by up to 0.4% (0.3 becomes 0.30078125) and disagree with
+    the baked export, which scales its weights in float32 too.
+    """
 
     def __init__(self, value: torch.Tensor):
-        self.value = value
-        self._copies: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self.value = value.float()
+        self._copies: dict[torch.device, torch.Tensor] = {}
 
-    def like(self, other: torch.Tensor) -> torch.Tensor:
-        key = (other.device, other.dtype)
-        if key not in self._copies:
-            self._copies[key] = self.value.to(device=other.device, dtype=other.dtype)
-        return self._copies[key]
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = self.value.to(device)
+        return self._copies[device]
+
+
+def _in_float32(compute: TensorMap) -> TensorMap:
+    """Apply `compute` to the activation in float32, then round once to its own dtype."""
+    return lambda x: compute(x.float()).to(x.dtype)
 
 
 class Intervention(ABC):
@@ -147,13 +156,14 @@ class NeuronScale(Intervention):
             factor[indices] = multiplier
             factors = _DeviceCache(factor)
             if self.mode == "scale":
-                hooks.append(map_input(self.adapter.neuron_sites[layer], lambda x, f=factors: x * f.like(x)))
+                hooks.append(map_input(self.adapter.neuron_sites[layer],
+                                       _in_float32(lambda x, f=factors: x * f.on(x.device))))
                 continue
             offset = torch.zeros(width, dtype=torch.float64)
             offset[indices] = (1.0 - multiplier) * self._centres[layer]
             offsets = _DeviceCache(offset)
             hooks.append(map_input(self.adapter.neuron_sites[layer],
-                                   lambda x, f=factors, o=offsets: x * f.like(x) + o.like(x)))
+                                   _in_float32(lambda x, f=factors, o=offsets: x * f.on(x.device) + o.on(x.device))))
         return hooks
 
 
@@ -181,7 +191,7 @@ class SteeringVector(Intervention):
 
     def hooks(self, alpha: float) -> list[Hook]:
         shift = _DeviceCache(alpha * self.scale * self._vector)
-        return [map_output(self.adapter.layers[self.layer], lambda x: x - shift.like(x))]
+        return [map_output(self.adapter.layers[self.layer], _in_float32(lambda x: x - shift.on(x.device)))]
 
 
 class DirectionAblation(Intervention):
@@ -198,44 +208,10 @@ class DirectionAblation(Intervention):
     def hooks(self, alpha: float) -> list[Hook]:
         unit = _DeviceCache(self._unit)
 
+        @_in_float32
         def ablate(x: torch.Tensor) -> torch.Tensor:
-            d = unit.like(x)
+            d = unit.on(x.device)
             return x - alpha * (x @ d).unsqueeze(-1) * d
 
         first = [map_input(self.adapter.layers[0], ablate)]
         return first + [map_output(layer, ablate) for layer in self.adapter.layers]
-
-
-@contextmanager
-def baked_weights(adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float) -> Iterator[None]:
-    """Multiply each circuit neuron's output weights by m in place; the originals come back in `finally`.
-
-    Scaling neuron j's value by m is exactly scaling what it writes (row j of the
-    neuron-major weight view) by m, so no hook is needed to steer the model.
-    """
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
-        with torch.no_grad():
-            for layer, neurons in circuit.by_layer().items():
-                weights = adapter.neuron_weights(layer)
-                rows = torch.tensor([n.index for n in neurons], device=weights.device)
-                saved.append((weights, rows, weights[rows].clone()))
-                weights[rows] = weights[rows] * multiplier
-        yield
-    finally:
-        with torch.no_grad():
-            for weights, rows, original in saved:
-                weights[rows] = original
-
-
-def export_baked_model(model, tokenizer, adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float,
-                       out_dir: str | Path) -> Path:
-    """Write a steered model as an ordinary Hugging Face folder: loads and runs with no hooks."""
-    out_dir = Path(out_dir)
-    with baked_weights(adapter, circuit, multiplier):
-        model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "cna_bake.json").write_text(json.dumps(
-        {"multiplier": multiplier, "circuit": circuit.to_dict()}, indent=2), encoding="utf-8")
-    return out_dir
-

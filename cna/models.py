@@ -72,13 +72,8 @@ class ArchitectureAdapter:
         self.layers: list[nn.Module] = list(model.get_submodule(family.layers))
         self.neuron_sites: list[nn.Module] = [layer.get_submodule(family.neuron_site) for layer in self.layers]
         self.n_layers = len(self.layers)
-        self.neurons_per_layer = self._site_width(self.neuron_sites[0])
+        self.neurons_per_layer = _site_width(self.neuron_sites[0])
         self.hidden_size = model.get_input_embeddings().weight.shape[1]
-
-    def _site_width(self, site: nn.Module) -> int:
-        if self.family.conv1d:
-            return site.weight.shape[0]
-        return site.in_features
 
     @property
     def total_neurons(self) -> int:
@@ -86,7 +81,7 @@ class ArchitectureAdapter:
 
     @property
     def input_device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return input_device(self.model)
 
     @property
     def body(self) -> nn.Module:
@@ -94,13 +89,76 @@ class ArchitectureAdapter:
         return self.model.base_model
 
     def neuron_weights(self, layer: int) -> torch.Tensor:
-        """A view of the site's weight with one row per neuron: row j is what neuron j writes."""
-        weight = self.neuron_sites[layer].weight
-        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise CnaError(
-                f"layer {layer}'s neuron weights are quantised ({weight.dtype}); bake a full-precision model"
-            )
+        """A view of the site's weight with one row per neuron: row j is what neuron j writes.
+
+        Only for weights held in memory at full precision: a quantised weight packs several
+        neurons per element, and an offloaded one is a placeholder whose data lives elsewhere.
+        """
+        site = self.neuron_sites[layer]
+        if is_quantized_module(site):
+            raise CnaError(f"layer {layer}'s neuron weights are quantised ({type(site).__name__}); "
+                           "bake a full-precision model")
+        if is_offloaded(site):
+            raise CnaError(f"layer {layer}'s neuron weights are offloaded (device_map put them on cpu or disk); "
+                           "export from the checkpoint on disk instead")
+        weight = site.weight
         return weight if self.family.conv1d else weight.t()
+
+
+def _site_width(site: nn.Module) -> int:
+    """The neuron count, from the layer's declared input features, never from a (possibly packed) weight.
+
+    GPT-2's Conv1D declares it as `nx`; bitsandbytes replaces Conv1D by its Linear classes, which declare
+    `in_features`.
+    """
+    width = getattr(site, "in_features", None) or getattr(site, "nx", None)
+    if width is None:
+        raise UnsupportedModelError(f"neuron site {type(site).__name__} declares no input width")
+    return int(width)
+
+
+def _dispatch_hooks(module: nn.Module) -> list:
+    """accelerate's hooks on `module` (a SequentialHook holds several), or none."""
+    hook = getattr(module, "_hf_hook", None)
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where input ids must go: the embedding's execution device under accelerate dispatch.
+
+    An offloaded embedding's weight sits on `meta`; the dispatch hook knows where it will run.
+    """
+    embedding = model.get_input_embeddings()
+    for hook in _dispatch_hooks(embedding):
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+    return embedding.weight.device
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps this module's weights off its execution device (cpu or disk offload)."""
+    return (any(getattr(hook, "offload", False) for hook in _dispatch_hooks(module))
+            or any(p.device.type == "meta" for p in module.parameters(recurse=False)))
+
+
+def is_quantized_module(module: nn.Module) -> bool:
+    """Whether the module's weight is quantised, told by its quantisation state, not by its storage dtype.
+
+    bitsandbytes 4-bit weights may be stored as bfloat16 (`bnb_4bit_quant_storage`), so a dtype check passes them;
+    integer weights (other quantisers) count as quantised too.
+    """
+    weight = getattr(module, "weight", None)
+    return (type(module).__module__.startswith("bitsandbytes")
+            or type(weight).__module__.startswith("bitsandbytes")
+            or getattr(weight, "quant_state", None) is not None
+            or (isinstance(weight, torch.Tensor) and not weight.is_floating_point()))
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether transformers loaded the model through a quantiser (bitsandbytes, GPTQ, AWQ, ...)."""
+    return (getattr(model, "hf_quantizer", None) is not None
+            or getattr(model.config, "quantization_config", None) is not None
+            or any(is_quantized_module(m) for m in model.modules()))
 
 
 @dataclass
@@ -114,7 +172,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda when available, else cpu
     device_map: str | None = None  # "auto": shard over all GPUs (and CPU) through accelerate
-    quantization: str | None = None  # None, "4bit" or "8bit" (bitsandbytes, CUDA only)
+    quantization: str | None = None  # None, "4bit" or "8bit" (bitsandbytes, on the devices it supports)
     trust_remote_code: bool = False
 
 
@@ -160,20 +218,81 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _quantization_config(quantization: str | None, dtype: torch.dtype):
+def quantization_unavailable(quantization: str, device: torch.device) -> str | None:
+    """Why bitsandbytes cannot quantise a model for `device` here, or None when it can.
+
+    Recent bitsandbytes lists the device types it runs on (0.50: cpu and cuda among them); a version without
+    that list runs on CUDA only.
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return f"model.quantization '{quantization}' needs bitsandbytes: pip install 'cna[quant]'"
+    import bitsandbytes
+
+    supported = getattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    if device.type not in supported:
+        return (f"model.quantization '{quantization}': bitsandbytes {bitsandbytes.__version__} runs on "
+                f"{', '.join(sorted(supported))}, not on {device.type}")
+    return None
+
+
+def _quantization_config(quantization: str | None, dtype: torch.dtype, device: torch.device):
     if quantization is None:
         return None
     if quantization not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization '{quantization}' is not one of null, {', '.join(QUANTIZATIONS)}")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"model.quantization '{quantization}' needs a CUDA GPU and none is available")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError(f"model.quantization '{quantization}' needs bitsandbytes: pip install 'cna[quant]'")
+    problem = quantization_unavailable(quantization, device)
+    if problem:
+        raise ConfigError(problem)
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
     return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _whole_model_on(device: torch.device) -> dict:
+    """A device map that puts every module on `device` (cuda as its index, as accelerate expects)."""
+    return {"": device.index or 0} if device.type == "cuda" else {"": device.type}
+
+
+def _offload_error(spec: ModelSpec, error: ValueError) -> CnaError | None:
+    """transformers' refusal to offload bitsandbytes layers, as one line saying what to set."""
+    if "llm_int8_enable_fp32_cpu_offload" not in str(error):
+        return None
+    return CnaError(
+        f"model.quantization '{spec.quantization}': the quantised model does not fit the GPU memory, so "
+        f"device_map={spec.device_map!r} put layers on cpu or disk, where bitsandbytes layers cannot be offloaded; "
+        "use more or larger GPUs, or set model.quantization=null (bfloat16 layers offload to cpu and disk)"
+    )
+
+
+def activation_identity(lm: LoadedModel) -> dict:
+    """Everything about the loaded model that changes its activations: the statistics cache keys on it.
+
+    The parameter dtype alone reads bfloat16 for bfloat16, 4-bit and 8-bit models alike, so the
+    quantisation settings, the attention implementation and the device type go in too.
+    """
+    config = lm.model.config
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return {
+        "source": lm.source,
+        "revision": lm.spec.revision,
+        "dtype": str(lm.model.dtype),
+        "quantization": None if quantization is None else {k: _plain(v) for k, v in sorted(quantization.items())},
+        "attention": getattr(config, "_attn_implementation", None),
+        "device": input_device(lm.model).type,
+    }
+
+
+def _plain(value):
+    """A quantisation setting as a JSON value (dtypes and enums become their names)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value)
 
 
 def load_model(spec: ModelSpec) -> LoadedModel:
@@ -182,18 +301,23 @@ def load_model(spec: ModelSpec) -> LoadedModel:
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    quantization = _quantization_config(spec.quantization, dtype)
+    quantization = _quantization_config(spec.quantization, dtype, device)
     source = resolve_source(spec)
     kwargs = {"dtype": dtype, "revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if spec.device_map is not None or quantization is not None:
-        kwargs["device_map"] = spec.device_map or {"": device.index or 0}
+        kwargs["device_map"] = spec.device_map or _whole_model_on(device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=spec.revision, trust_remote_code=spec.trust_remote_code
         )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as error:
+        offload = _offload_error(spec, error)
+        if offload is None:
+            raise
+        raise offload from error
     except OSError as error:
         hint = f"; or set model.path, or put it under ${MODEL_CACHE_ENV}/{spec.local_name or '<local_name>'}"
         raise CnaError(f"cannot load model '{source}': {str(error).splitlines()[0]}{hint}") from error

@@ -53,7 +53,7 @@ from cna.evaluation.responses import evaluate_responses
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
 from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector
-from cna.models import LoadedModel, ModelSpec, load_model
+from cna.models import LoadedModel, ModelSpec, activation_identity, load_model
 from cna.report import run_plots
 from cna.tracking import Tracker, make_tracker
 
@@ -164,7 +164,7 @@ class Discovery:
 def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache) -> Discovery:
     template, method = cfg.model.template, cfg.method
     neuron_method = method.name in NEURON_METHODS
-    identity = {"source": lm.source, "revision": cfg.model.revision, "dtype": str(next(lm.model.parameters()).dtype)}
+    identity = activation_identity(lm)
     site = f"{lm.adapter.model_type}:{lm.adapter.family.neuron_site}"
 
     def statistics(prompts: list[str], desc: str, top_fraction: float | None = None) -> ActivationStatistics:
@@ -399,8 +399,7 @@ def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
     every intervention leaves the model bit-identical, so one baseline serves every method and circuit."""
     fields = {
         "format": BASELINE_FORMAT,
-        "model": OmegaConf.to_container(cfg.model, resolve=True), "source": str(lm.source),
-        "dtype": str(next(lm.model.parameters()).dtype),
+        "model": OmegaConf.to_container(cfg.model, resolve=True), "activations": activation_identity(lm),
         "eval": OmegaConf.to_container(cfg.eval, resolve=True),
         "prompts": {"refusal": data.refusal, "over_refusal": data.over_refusal, "kl": data.kl,
                     "generalisation": data.generalisation, "mmlu": [asdict(question) for question in data.mmlu]},

@@ -103,10 +103,15 @@ def test_bad_values_are_one_line_errors_naming_the_key(overrides, message, model
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
-def test_quantisation_without_cuda(monkeypatch, model_stub):
+def test_quantisation_is_allowed_where_bitsandbytes_runs_on_the_device(monkeypatch, model_stub):
+    import bitsandbytes
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="model.quantization: expected null on a machine without CUDA"):
-        validate_with(composed("model=llama3_70b", "model.quantization=4bit"), model_stub)
+    cfg = composed("model=llama3_70b", "model.quantization=4bit")
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cpu", "cuda"})
+    validate_with(cfg, model_stub)
+    monkeypatch.setattr(bitsandbytes, "supported_torch_devices", {"cuda"})
+    with pytest.raises(ConfigError, match="^model.quantization '4bit': bitsandbytes .* runs on cuda, not on cpu$"):
+        validate_with(cfg, model_stub)
 
 
 def test_missing_model_folder(tmp_path, monkeypatch):

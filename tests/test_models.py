@@ -78,13 +78,6 @@ def test_dtype_can_be_chosen(tiny_folder):
         load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), dtype="float8"))
 
 
-@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
-def test_quantisation_without_cuda_is_a_one_line_error(tiny_folder, monkeypatch, quantization):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=f"model.quantization '{quantization}' needs a CUDA GPU"):
-        load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), quantization=quantization))
-
-
 def test_unknown_quantisation_is_rejected(tiny_folder):
     with pytest.raises(ConfigError, match="model.quantization '3bit' is not one of"):
         load_model(ModelSpec(name="org/tiny", path=str(tiny_folder), quantization="3bit"))

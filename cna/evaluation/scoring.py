@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cna.batching import length_sorted_batches, pad_batch, position_ids
+from cna.models import input_device
 
 
 def next_token_logprobs(
@@ -24,7 +25,7 @@ def next_token_logprobs(
 
     [n, vocab], or [n, len(token_ids)] when only some tokens matter (normalised over the whole vocabulary).
     """
-    device = model.get_input_embeddings().weight.device
+    device = input_device(model)
     rows_out: list[torch.Tensor | None] = [None] * len(prompts)
     selected = None if token_ids is None else torch.tensor(list(token_ids))
     batches = list(length_sorted_batches(prompts, batch_size))

@@ -1,0 +1,148 @@
+"""A steered model as an ordinary checkpoint: the circuit's multipliers written into its `down_proj` weights.
+
+Multiplying neuron j by m is exactly multiplying what it writes (column j of a Linear
+`down_proj`, row j of GPT-2's Conv1D) by m, so the exported folder loads and runs with
+no hooks. The edit is done in float32 and cast back to the weight's dtype, as the hooks do.
+
+Where the model was loaded from a safetensors folder, the export edits that folder's
+shards on disk, one at a time: placement does not matter (layers offloaded to cpu or
+disk, sharded over GPUs), nothing is loaded to the GPU, and shards without a circuit
+layer are copied as they are. A model with no checkpoint folder (built in memory) is
+baked in place and saved, which needs every circuit layer in memory. Quantised weights
+pack several neurons per element, so a quantised model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from cna.circuit import Circuit
+from cna.errors import CnaError
+from cna.models import ArchitectureAdapter, is_quantized
+
+SINGLE_SHARD, SHARD_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _scaled(rows: torch.Tensor, multiplier: float) -> torch.Tensor:
+    """The rows times m, computed in float32 and rounded once to their own dtype."""
+    return (rows.float() * multiplier).to(rows.dtype)
+
+
+@contextmanager
+def baked_weights(adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float) -> Iterator[None]:
+    """Multiply each circuit neuron's output weights by m in place; the originals come back in `finally`.
+
+    Scaling neuron j's value by m is exactly scaling what it writes (row j of the
+    neuron-major weight view) by m, so no hook is needed to steer the model.
+    """
+    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer, neurons in circuit.by_layer().items():
+                weights = adapter.neuron_weights(layer)
+                rows = torch.tensor([n.index for n in neurons], device=weights.device)
+                saved.append((weights, rows, weights[rows].clone()))
+                weights[rows] = _scaled(weights[rows], multiplier)
+        yield
+    finally:
+        with torch.no_grad():
+            for weights, rows, original in saved:
+                weights[rows] = original
+
+
+def export_baked_model(model, tokenizer, adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float,
+                       out_dir: str | Path) -> Path:
+    """Write a steered model as an ordinary Hugging Face folder: loads and runs with no hooks."""
+    out_dir = Path(out_dir)
+    if is_quantized(model):
+        raise CnaError("cannot export a quantised model: its down_proj weights pack several neurons per element; "
+                       "load it with model.quantization=null and export that")
+    source = checkpoint_folder(model)
+    if source is not None:
+        bake_checkpoint(source, out_dir, _checkpoint_edits(model, adapter, circuit), multiplier)
+    else:
+        with baked_weights(adapter, circuit, multiplier):
+            model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "cna_bake.json").write_text(json.dumps(
+        {"multiplier": multiplier, "circuit": circuit.to_dict()}, indent=2), encoding="utf-8")
+    return out_dir
+
+
+def checkpoint_folder(model: nn.Module) -> Path | None:
+    """The safetensors folder the model was loaded from (a local folder or the hub cache), or None."""
+    name = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if not name:
+        return None
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=getattr(model.config, "_commit_hash", None))
+        if not isinstance(cached, str):
+            return None
+        folder = Path(cached).parent
+    return folder if (folder / SINGLE_SHARD).is_file() or (folder / SHARD_INDEX).is_file() else None
+
+
+def _checkpoint_edits(model: nn.Module, adapter: ArchitectureAdapter, circuit: Circuit) -> dict[str, tuple]:
+    """For each circuit layer: its weight's parameter name -> (neuron indices, neurons along dim 0 or 1)."""
+    module_names = {module: name for name, module in model.named_modules()}
+    # Conv1D stores [in, out]: neuron j is row j. nn.Linear stores [out, in]: neuron j is column j.
+    neuron_dim = 0 if adapter.family.conv1d else 1
+    return {f"{module_names[adapter.neuron_sites[layer]]}.weight": ([n.index for n in neurons], neuron_dim)
+            for layer, neurons in circuit.by_layer().items()}
+
+
+def _shard_map(source: Path) -> dict[str, str]:
+    """Tensor name -> shard file name."""
+    if (source / SHARD_INDEX).is_file():
+        return json.loads((source / SHARD_INDEX).read_text(encoding="utf-8"))["weight_map"]
+    with safe_open(str(source / SINGLE_SHARD), framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), SINGLE_SHARD)
+
+
+def _checkpoint_key(parameter: str, keys: dict[str, str]) -> str:
+    """The checkpoint's name for a parameter: the same, or the same up to a prefix (GPT-2's `transformer.`)."""
+    matches = [key for key in keys
+               if key == parameter or parameter.endswith(f".{key}") or key.endswith(f".{parameter}")]
+    if len(matches) != 1:
+        raise CnaError(f"cannot export: the checkpoint has {len(matches)} tensors matching '{parameter}', expected 1")
+    return matches[0]
+
+
+def bake_checkpoint(source: Path, out_dir: Path, edits: dict[str, tuple], multiplier: float) -> None:
+    """Copy the checkpoint folder to `out_dir`, rewriting only the shards that hold an edited weight."""
+    if out_dir.resolve() == source.resolve():
+        raise CnaError(f"cannot export into the source checkpoint itself ({source}); choose another folder")
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    if "quantization_config" in config:
+        raise CnaError(f"cannot export: the checkpoint in {source} is quantised "
+                       f"({config['quantization_config'].get('quant_method', 'unknown method')})")
+    shards = _shard_map(source)
+    by_shard: dict[str, dict[str, tuple]] = {}
+    for parameter, edit in edits.items():
+        key = _checkpoint_key(parameter, shards)
+        by_shard.setdefault(shards[key], {})[key] = edit
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name not in by_shard:
+            shutil.copy2(path, out_dir / path.name)
+    for shard, shard_edits in by_shard.items():
+        with safe_open(str(source / shard), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+        for key, (indices, neuron_dim) in shard_edits.items():
+            weight = tensors[key]
+            index = torch.tensor(indices)
+            weight.index_copy_(neuron_dim, index, _scaled(weight.index_select(neuron_dim, index), multiplier))
+        save_file(tensors, str(out_dir / shard), metadata=metadata)
