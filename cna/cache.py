@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from cna.circuit import write_json_atomic
 from cna.discovery import ActivationStatistics
+from cna.run_folder import save_atomically, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 
 def statistics_key(*, model: dict, site: str, prompts: Sequence[Sequence[int]], position: str,
@@ -45,24 +46,16 @@ class StatisticsCache:
             return compute()
         path = self.folder / f"{key}.safetensors"
         if path.is_file():
-            self.hits += 1
-            return ActivationStatistics.load(path)
+            try:
+                statistics = ActivationStatistics.load(path)
+                self.hits += 1
+                return statistics
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a truncated file
+                log.warning("statistics cache file %s is unreadable (%s): computing it again", path, error)
         self.misses += 1
         statistics = compute()
-        _save_atomically(path, statistics.save)
+        save_atomically(path, statistics.save)  # replaces an unreadable file in one rename
         return statistics
-
-
-def _save_atomically(path: Path, save: Callable[[Path], object]) -> None:
-    """Written beside its final name and renamed: parallel jobs never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(handle)
-    try:
-        save(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
 
 
 class BaselineCache:
@@ -97,8 +90,8 @@ class BaselineCache:
         if path.is_file():
             try:
                 return load_file(str(path))["value"]
-            except Exception:  # noqa: BLE001 - a truncated or foreign file is computed again and replaced
-                pass
+            except Exception as error:  # noqa: BLE001 - a truncated or foreign file is computed again and replaced
+                log.warning("baseline cache file %s is unreadable (%s): computing it again", path, error)
         value = compute()
-        _save_atomically(path, lambda temporary: save_file({"value": value.contiguous()}, str(temporary)))
+        save_atomically(path, lambda temporary: save_file({"value": value.contiguous()}, str(temporary)))
         return value

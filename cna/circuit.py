@@ -7,12 +7,11 @@ the same file with the layer(s) and vector norm instead of a neuron list.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from cna.run_folder import read_json, write_json_atomic
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | Path) -> Circuit:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(read_json(path))
 
 
 @dataclass
@@ -143,7 +142,7 @@ class ResidualDirection:
 
     @classmethod
     def load(cls, path: str | Path) -> ResidualDirection:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(read_json(path))
 
 
 def overlap(a: Circuit, b: Circuit) -> list[tuple[int, int]]:
@@ -166,23 +165,3 @@ def localisation(circuit: Circuit, top_n: int = 200) -> dict:
         "final_quarter": sum(n.layer >= final_quarter_start for n in top) / len(top),
         "final_quarter_start_layer": final_quarter_start,
     }
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a file so that a killed process leaves the old file or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")

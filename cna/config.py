@@ -12,11 +12,23 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cna.discovery import POSITIONS, SIGNS
+from cna.discovery import POSITIONS, SIGNS, resolve_layer_range
 from cna.errors import ConfigError
 from cna.interventions import NEURON_MODES
 from cna.interventions import POSITIONS as STEER_POSITIONS
-from cna.models import DTYPES, MODEL_CACHE_ENV, QUANTIZATIONS, quantization_unavailable, resolve_device
+from cna.models import (
+    DTYPES,
+    MODEL_CACHE_ENV,
+    QUANTIZATIONS,
+    local_config,
+    model_cache,
+    quantization_unavailable,
+    read_model_shape,
+    resolve_device,
+)
+from cna.tracking import server_reachable
+
+HUB_ENDPOINT_ENV, DEFAULT_HUB_ENDPOINT = "HF_ENDPOINT", "https://huggingface.co"
 
 METHODS = ("cna", "caa", "direction", "random")
 NEURON_METHODS = ("cna", "random")
@@ -54,7 +66,7 @@ def _count(cfg: DictConfig, key: str, *, allow_none: bool = True, minimum: int =
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError on the first bad value."""
-    _validate_model(cfg)
+    _count(cfg, "seed", allow_none=False)
     _validate_method(cfg)
     _validate_sweep(cfg)
     for key in ("prompts.n_positive", "prompts.n_negative"):
@@ -75,6 +87,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "reuse_baseline", (True, False))
     _validate_search(cfg)
     validate_judge(cfg)
+    _validate_model(cfg)  # last: it may probe the network when the model is not on this machine
 
 
 def _validate_search(cfg: DictConfig) -> None:
@@ -133,12 +146,31 @@ def _validate_model(cfg: DictConfig) -> None:
             raise ConfigError(problem)
     if model.path is not None and not (Path(model.path).expanduser() / "config.json").is_file():
         _fail("model.path", "a model folder with a config.json", model.path)
-    if model.path is None and _offline() and not _in_cache(model.local_name):
-        cache = os.environ.get(MODEL_CACHE_ENV, "(unset)")
-        raise ConfigError(
-            f"model: '{model.name}' is not in ${MODEL_CACHE_ENV} ({cache}) as '{model.local_name}' and the hub "
-            "is offline; set model.path or fetch it (../shared/models/fetch)"
-        )
+    config = local_config(model.name, path=model.path, local_name=model.local_name, revision=model.revision)
+    if config is None:
+        _require_hub(cfg)
+        return  # the depth and width checks run once the model has loaded
+    shape = read_model_shape(config)
+    if shape is not None:
+        _validate_model_shape(cfg, shape.n_layers, shape.neurons_per_layer)
+
+
+def _require_hub(cfg: DictConfig) -> None:
+    """A model that is not on this machine comes from the hub: fail in seconds when the hub cannot be reached."""
+    model = cfg.model
+    endpoint = os.environ.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT
+    if _offline():
+        why = "the hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
+    elif not server_reachable(endpoint):
+        why = f"{endpoint} cannot be reached"
+    else:
+        return
+    folder = model_cache() / (model.local_name or model.name.split("/")[-1])
+    raise ConfigError(
+        f"model: '{model.name}' is not in the model cache ({folder}; ${MODEL_CACHE_ENV} moves it) and {why}; "
+        f"fetch it there (`huggingface-cli download {model.name} --local-dir {folder}` where the hub is reachable"
+        ", or `make models` for the offline models) or set model.path=FOLDER"
+    )
 
 
 def _offline() -> bool:
@@ -146,9 +178,22 @@ def _offline() -> bool:
                                                                                       "TRANSFORMERS_OFFLINE"))
 
 
-def _in_cache(local_name: str | None) -> bool:
-    cache = os.environ.get(MODEL_CACHE_ENV)
-    return bool(cache and local_name and (Path(cache).expanduser() / local_name / "config.json").is_file())
+def _validate_model_shape(cfg: DictConfig, n_layers: int, neurons_per_layer: int | None) -> None:
+    """The layer and neuron counts the method asks for, against the model's config.json (no weights loaded)."""
+    method = cfg.method
+    depth = f"(model {cfg.model.name} has {n_layers} layers)"
+    if method.name not in NEURON_METHODS:
+        if method.layer is not None and not 0 <= method.layer < n_layers:
+            _fail("method.layer", f"a layer in [0, {n_layers}) {depth}", method.layer)
+        return
+    requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
+    start, stop = resolve_layer_range(requested, n_layers) or (0, n_layers)
+    if method.k is not None and neurons_per_layer is not None:
+        available = (stop - start) * neurons_per_layer
+        where = f"layers [{start}, {stop})" if requested is not None else f"{n_layers} layers"
+        if method.k > available:
+            _fail("method.k", f"at most {available} (the MLP neurons in {where} x {neurons_per_layer} of "
+                  f"{cfg.model.name})", method.k)
 
 
 def _validate_method(cfg: DictConfig) -> None:

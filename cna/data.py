@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 import re
@@ -28,17 +29,32 @@ def read_prompt_file(path: str | Path, column: str | None = None, where: dict | 
     if not path.is_file():
         raise ConfigError(f"prompt file '{path}' does not exist")
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    elif suffix == ".json":
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    else:
+    if suffix not in (".txt", ".csv", ".jsonl", ".json"):
         raise ConfigError(f"prompt file '{path}' has suffix '{suffix}'; expected .csv, .json, .jsonl or .txt")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"prompt file '{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at "
+                          f"offset {error.start})") from error
+    if suffix == ".txt":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    if suffix == ".csv":
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    else:
+        documents = list(enumerate(text.splitlines(), 1)) if suffix == ".jsonl" else [(1, text)]
+        parsed = []
+        for first_line, document in documents:
+            if not document.strip():
+                continue
+            try:
+                parsed.append(json.loads(document))
+            except json.JSONDecodeError as error:
+                raise ConfigError(f"prompt file '{path}' is not valid {suffix[1:].upper()} ({error.msg} at line "
+                                  f"{first_line + error.lineno - 1}, column {error.colno})") from error
+        rows = parsed if suffix == ".jsonl" else (parsed[0] if parsed else [])
+    if not isinstance(rows, list):
+        raise ConfigError(f"prompt file '{path}' holds a JSON {type(rows).__name__}; expected a list of rows or "
+                          "of strings")
     if rows and all(isinstance(row, str) for row in rows):
         if where:
             raise ConfigError(f"prompt file '{path}' has no fields to filter with `where`")

@@ -29,14 +29,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from cna.circuit import write_json_atomic, write_text_atomic
 from cna.config import validate_judge
 from cna.errors import CnaError, ConfigError
 from cna.evaluation.judges import JUDGES, Judge, describe, judge_point, make_judge
 from cna.report import run_plots
+from cna.run_folder import GENERATIONS, RESULTS, write_json_atomic, write_text_atomic
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-RESULTS, GENERATIONS = "results.json", "generations.jsonl"
 log = logging.getLogger(__name__)
 
 

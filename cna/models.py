@@ -9,6 +9,7 @@ adapter finds, for each supported family, the decoder layers, that projection
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,12 @@ from torch import nn
 from cna.errors import CnaError, ConfigError
 
 MODEL_CACHE_ENV = "CNA_MODEL_CACHE"
+DEFAULT_MODEL_CACHE = "~/.cache/cna-models"  # where `make models` / `make demo` fetch to
+
+
+def model_cache() -> Path:
+    """The folder of fetched models: $CNA_MODEL_CACHE, else ~/.cache/cna-models."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or DEFAULT_MODEL_CACHE).expanduser()
 
 
 @dataclass(frozen=True)
@@ -196,12 +203,51 @@ def resolve_source(spec: ModelSpec) -> str:
         if not (path / "config.json").is_file():
             raise ConfigError(f"model.path '{spec.path}' is not a model folder (no config.json there)")
         return str(path)
-    cache = os.environ.get(MODEL_CACHE_ENV)
-    if cache and spec.local_name:
-        folder = Path(cache).expanduser() / spec.local_name
+    if spec.local_name:
+        folder = model_cache() / spec.local_name
         if (folder / "config.json").is_file():
             return str(folder)
     return spec.name
+
+
+def local_config(name: str, *, path: str | None = None, local_name: str | None = None,
+                 revision: str | None = None) -> Path | None:
+    """The model's config.json on this machine (model.path, the model cache, or the hub's cache), or None."""
+    if path:
+        candidate = Path(path).expanduser() / "config.json"
+        return candidate if candidate.is_file() else None
+    if local_name and (model_cache() / local_name / "config.json").is_file():
+        return model_cache() / local_name / "config.json"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json", revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the config checks need to know of a model, read from its config.json (no weights)."""
+
+    n_layers: int
+    neurons_per_layer: int | None  # None when the config does not say (checked again once the model loads)
+
+
+def read_model_shape(config_path: Path) -> ModelShape | None:
+    """Depth and MLP width from a config.json, whatever each family calls them; None if it names no depth."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"model: cannot read '{config_path}' ({error})") from error
+    if not isinstance(config, dict):
+        return None
+    config = config.get("text_config") or config  # multimodal checkpoints nest the language model's settings
+    n_layers = next((config[key] for key in ("num_hidden_layers", "n_layer", "num_layers") if key in config), None)
+    if not isinstance(n_layers, int):
+        return None
+    width = next((config[key] for key in ("intermediate_size", "n_inner", "ffn_dim") if config.get(key)), None)
+    if width is None and isinstance(config.get("n_embd"), int):
+        width = 4 * config["n_embd"]  # GPT-2 and GPT-J leave n_inner null for 4 x the hidden size
+    return ModelShape(n_layers, width if isinstance(width, int) else None)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -319,7 +365,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             raise
         raise offload from error
     except OSError as error:
-        hint = f"; or set model.path, or put it under ${MODEL_CACHE_ENV}/{spec.local_name or '<local_name>'}"
+        hint = f"; or set model.path, or put it under {model_cache()}/{spec.local_name or '<local_name>'}"
         raise CnaError(f"cannot load model '{source}': {str(error).splitlines()[0]}{hint}") from error
     if "device_map" not in kwargs:
         model.to(device)

@@ -22,7 +22,7 @@ import transformers
 from omegaconf import DictConfig, OmegaConf
 
 from cna.cache import BaselineCache, StatisticsCache, statistics_key
-from cna.circuit import Circuit, ResidualDirection, write_json_atomic
+from cna.circuit import Circuit, ResidualDirection
 from cna.config import NEURON_METHODS, validate
 from cna.data import (
     PromptSource,
@@ -55,11 +55,18 @@ from cna.generation import eos_token_ids, generate
 from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector
 from cna.models import LoadedModel, ModelSpec, activation_identity, load_model
 from cna.report import run_plots
+from cna.run_folder import (
+    CIRCUIT,
+    RESULTS,
+    append_generations,
+    keep_finished_generations,
+    previous_results,
+    write_json_atomic,
+)
 from cna.tracking import Tracker, make_tracker
 
 log = logging.getLogger(__name__)
 
-RESULTS, CIRCUIT, GENERATIONS = "results.json", "circuit.json", "generations.jsonl"
 BASELINE_FORMAT = 1  # bump when a point's fields change, so cached baselines are recomputed
 INFEASIBLE = 1000.0  # added to a search objective whose point misses search.min_quality
 
@@ -93,6 +100,9 @@ def _evaluation_set(node, key: str, seed: int) -> list[str]:
     if not node.n:
         return []
     prompts = load_prompts(_source(node.source))
+    if not prompts:
+        origin = node.source.get("path") or node.source.get("hub") or node.source.get("packaged")
+        raise ConfigError(f"{key}.source: '{origin}' has no rows (expected at least {key}.n = {node.n})")
     if node.n > len(prompts):
         raise ConfigError(f"{key}.n: expected at most {len(prompts)} (the dataset's size), got {node.n}")
     return subsample(prompts, node.n, seed)
@@ -347,6 +357,11 @@ def search_objectives(results: dict, search: DictConfig) -> list[float]:
     return values
 
 
+def failed_objectives(search: DictConfig) -> list[float]:
+    """What a trial that failed scores: worse than any trial that ran, penalised or not."""
+    return [3 * INFEASIBLE] * len(search.objectives)
+
+
 # --- the job ----------------------------------------------------------------------------------------------------
 
 def config_sha256(cfg: DictConfig) -> str:
@@ -364,25 +379,6 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
         yield
     finally:
         timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - started, 3)
-
-
-def _previous_results(run_dir: Path, sha: str) -> dict | None:
-    path = run_dir / RESULTS
-    if not path.is_file():
-        return None
-    previous = json.loads(path.read_text(encoding="utf-8"))
-    return previous if previous.get("config_sha256") == sha else None
-
-
-def _keep_finished_generations(run_dir: Path, finished: set[float]) -> list[dict]:
-    """Drop generation lines of a point that died before its results were written; return the rest."""
-    path = run_dir / GENERATIONS
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    records = [record for record in records if record["alpha"] in finished]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return records
 
 
 def _plots(run_dir: Path) -> dict[str, Path]:
@@ -415,7 +411,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     run_dir = Path(run_dir)
     validate(cfg)
     sha = config_sha256(cfg)
-    previous = _previous_results(run_dir, sha) if cfg.resume else None
+    previous = previous_results(run_dir, sha) if cfg.resume else None
     if previous and previous.get("status") == "complete":
         log.info("%s is complete for this config: skipped", run_dir / RESULTS)
         return previous
@@ -432,7 +428,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
         intervention, artifact = build_method(cfg, lm, found, data, model_name)
     artifact.save(run_dir / CIRCUIT)
     done = {p["alpha"]: p for p in previous["points"]} if previous else {}
-    finished_records = _keep_finished_generations(run_dir, set(done))
+    finished_records = keep_finished_generations(run_dir, set(done))
     results = {"model": model_name, "method": cfg.method.name, "status": "running", "config_sha256": sha,
                "in_sample": data.in_sample, "discovery_overlap": data.overlap,
                **({"generalisation_removed": data.generalisation_removed} if data.generalisation else {}),
@@ -466,8 +462,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
                     baselines.put(key, point, records)
             for stage, seconds in point_timings.items():
                 timings[stage] = round(timings.get(stage, 0.0) + seconds, 3)
-            with (run_dir / GENERATIONS).open("a", encoding="utf-8") as lines:
-                lines.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            append_generations(run_dir, records)
             results["points"].append(point)
             write_json_atomic(run_dir / RESULTS, results)
             tracker.log_point(point)

@@ -29,7 +29,7 @@ from cna.evaluation.scoring import next_token_logprobs
 from cna.export import export_baked_model
 from cna.generation import generate
 from cna.interventions import POSITIONS, DirectionAblation, NeuronScale, RandomNeurons, SteeringVector
-from cna.models import MODEL_CACHE_ENV, ArchitectureAdapter, input_device
+from cna.models import MODEL_CACHE_ENV, ArchitectureAdapter, input_device, model_cache
 from cna.tiny import VOCAB, write_tiny_model
 
 REAL_MODEL = "smollm2-135m-instruct"
@@ -284,8 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         models = {"tiny": (write_tiny_model(Path(scratch) / "tiny"), VOCAB)}
-        real = Path(args.model) if args.model else Path(os.environ.get(MODEL_CACHE_ENV, "~/.cache/cna-models"),
-                                                           REAL_MODEL).expanduser()
+        real = Path(args.model) if args.model else model_cache() / REAL_MODEL
         if (real / "config.json").is_file():
             from transformers import AutoConfig
 

@@ -30,7 +30,8 @@ from cna.hooks import hook_count
 from cna.interventions import NeuronScale
 from cna.judge import judge_group_overrides, main
 from cna.models import ModelSpec, load_model
-from cna.pipeline import GENERATIONS, RESULTS, run
+from cna.pipeline import run
+from cna.run_folder import GENERATIONS, RESULTS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECORDED = [json.loads(line) for line in (Path(__file__).parent / "data" / "judge_answers.jsonl").open()]

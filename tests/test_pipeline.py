@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cna.pipeline import CIRCUIT, GENERATIONS, INFEASIBLE, RESULTS, run, search_objectives
+from cna.pipeline import INFEASIBLE, run, search_objectives
+from cna.run_folder import CIRCUIT, GENERATIONS, RESULTS
 from conftest import data_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

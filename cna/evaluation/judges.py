@@ -24,10 +24,10 @@ from typing import Protocol
 
 from tqdm.auto import tqdm
 
-from cna.circuit import write_text_atomic
 from cna.errors import CnaError, ConfigError
 from cna.evaluation.intervals import bootstrap_interval, wilson_interval
 from cna.evaluation.refusal import JUDGE_QUESTION, LLMRefusalJudge
+from cna.run_folder import write_text_atomic
 
 JUDGES = ("none", "yesno", "strongreject", "rating")
 BACKENDS = ("hf", "openai")
