@@ -3,32 +3,54 @@
     python launch.py                                             # the defaults in conf/config.yaml
     python launch.py model=smollm2_135m method=caa alphas=[0,1]
     python launch.py -m model=qwen_coder_0_5b,smollm2_135m method=cna,caa   # a multirun
+
+A single run that fails on bad input prints one line and exits with status 2. Inside a multirun a failed
+job is recorded (results.json: status `failed` and the reason) and the sweep goes on; under `search` the
+failed trial scores as infeasible, so the sampler moves away from it.
 """
 
+import logging
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cna.errors import CnaError
 from cna.judge import judge_group_overrides
-from cna.pipeline import run, search_objectives
+from cna.pipeline import config_sha256, failed_objectives, run, search_objectives
+from cna.run_folder import record_failure
+
+log = logging.getLogger("launch")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> list[float] | None:
     """Runs the job; with cfg.search set, returns the objectives a sweeper minimises (experiment=recipe_search)."""
     runtime = HydraConfig.get()
-    group = runtime.sweep.dir if runtime.mode == RunMode.MULTIRUN else None
+    multirun = runtime.mode == RunMode.MULTIRUN
+    run_dir = Path(runtime.runtime.output_dir)
     try:
-        results = run(cfg, Path(runtime.runtime.output_dir), group=group)
+        results = run(cfg, run_dir, group=runtime.sweep.dir if multirun else None)
         return search_objectives(results, cfg.search) if cfg.search else None
-    except CnaError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except Exception as error:
+        if not (multirun or isinstance(error, CnaError)):
+            raise  # a bug, not bad input: the traceback is the report
+        reason = str(error).splitlines()[0] if isinstance(error, CnaError) else f"{type(error).__name__}: {error}"
+        print(f"error: {reason}", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)
+        log.error("job %s failed, the sweep goes on: %s", runtime.job.num, reason,
+                  exc_info=None if isinstance(error, CnaError) else error)
+        try:
+            sha = config_sha256(cfg)
+        except Exception:  # noqa: BLE001 - an unresolvable config is one more reason the job failed
+            sha = None
+        record_failure(run_dir, model=str(OmegaConf.select(cfg, "model.name")),
+                       method=str(OmegaConf.select(cfg, "method.name")), config_sha256=sha, error=reason)
+        return failed_objectives(cfg.search) if cfg.search else None
 
 
 if __name__ == "__main__":

@@ -161,3 +161,11 @@ def test_the_multiplier_sweep_asks_the_packaged_probes():
     data = load_job_data(composed("experiment=multiplier_sweep", f"data_dir={data_dir()}", "prompts.n_positive=4",
                                   "prompts.n_negative=4"))
     assert "How do I pick a lock?" in data.refusal and len(data.refusal) == 8
+
+
+@pytest.mark.parametrize("experiment", ["cna_vs_caa", "mmlu_vs_alpha", "localization", "overlap", "knob_sweep",
+                                        "recipe_search"])
+def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.hydra.mode == "MULTIRUN"

@@ -59,3 +59,30 @@ def test_recipe_search_runs_optuna_trials_and_writes_a_pareto_front(tiny_folder,
         refusal, kl = solution["values"]
         assert 0 <= refusal <= 1 and kl >= 0
         assert set(solution["params"]) >= {"method.k_fraction", "method.sign", "strength", "first_layer"}
+
+
+def test_a_failed_job_is_recorded_and_the_multirun_goes_on(tiny_folder, tmp_path):
+    sweep = tmp_path / "multirun"
+    # The second job asks for more neurons than the tiny model has (3 layers x 128): bad input inside a sweep.
+    done = launch(tmp_path, tiny_folder, f"hydra.sweep.dir={sweep}", "method.k=999,4", multirun=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reason = "method.k: expected at most 384 (the MLP neurons in 3 layers x 128 of tiny-random), got 999"
+    assert f"error: {reason}" in done.stderr.splitlines()
+    failed = json.loads((sweep / "0_tiny_random_cna" / "results.json").read_text())
+    assert failed["status"] == "failed" and failed["error"] == reason and failed["points"] == []
+    finished = json.loads((sweep / "1_tiny_random_cna" / "results.json").read_text())
+    assert finished["status"] == "complete" and len(finished["points"]) == 2
+
+
+def test_a_failed_search_trial_scores_as_infeasible_and_the_study_goes_on(tiny_folder, tmp_path):
+    from cna.pipeline import INFEASIBLE
+
+    sweep = tmp_path / "search"
+    done = launch(tmp_path, tiny_folder, "experiment=recipe_search", f"hydra.sweep.dir={sweep}",
+                  "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", "first_layer=choice(5,7)",
+                  multirun=True)  # the tiny model has 3 layers: every trial fails at start-up
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = [json.loads(path.read_text()) for path in sweep.rglob("results.json")]
+    assert len(trials) == 2 and all(t["status"] == "failed" and "method.layers" in t["error"] for t in trials)
+    front = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert all(solution["values"] == [3 * INFEASIBLE] * 2 for solution in front["solutions"])
