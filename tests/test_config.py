@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from cna.config import validate
@@ -168,4 +169,4 @@ def test_the_multiplier_sweep_asks_the_packaged_probes():
 def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
-    assert cfg.hydra.mode == "MULTIRUN"
+    assert cfg.hydra.mode == RunMode.MULTIRUN
