@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cna.discovery import POSITIONS, SIGNS, resolve_layer_range
 from cna.errors import ConfigError
+from cna.evaluation.kl import KL_DIRECTIONS
 from cna.interventions import NEURON_MODES
 from cna.interventions import POSITIONS as STEER_POSITIONS
 from cna.models import (
@@ -75,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
     _count(cfg, "eval.refusal.n", allow_none=False)
     for key in ("eval.mmlu.n", "eval.mmlu.k_shot", "eval.kl.n", "eval.classifier_window"):
         _count(cfg, key)
+    _choice(cfg, "eval.kl.direction", KL_DIRECTIONS)
     for name in (cfg.eval.over_refusal or {}):
         _count(cfg, f"eval.over_refusal.{name}.n")
     for name in (cfg.eval.get("generalisation") or {}):

@@ -1,4 +1,5 @@
-"""A steered model as an ordinary checkpoint: the circuit's multipliers written into its `down_proj` weights.
+"""A steered model as an ordinary checkpoint: the circuit's multipliers written into its `down_proj` weights,
+or (directional ablation) the direction projected out of every weight that writes to the residual stream.
 
 Multiplying neuron j by m is exactly multiplying what it writes (column j of a Linear
 `down_proj`, row j of GPT-2's Conv1D) by m, so the exported folder loads and runs with
@@ -10,6 +11,11 @@ disk, sharded over GPUs), nothing is loaded to the GPU, and shards without a cir
 layer are copied as they are. A model with no checkpoint folder (built in memory) is
 baked in place and saved, which needs every circuit layer in memory. Quantised weights
 pack several neurons per element, so a quantised model is refused.
+
+Directional ablation (Arditi et al. 2024) is baked by weight orthogonalisation: W <- W - alpha d d^T W
+for the token (and learned position) embeddings and each block's output matrix and bias, so nothing the
+model writes to the residual stream has a component along d. It is linear in what each block writes, so
+it equals the hooks at every alpha; it is done on the model in memory.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from cna.circuit import Circuit
+from cna.circuit import Circuit, ResidualDirection
 from cna.errors import CnaError
 from cna.models import ArchitectureAdapter, is_quantized
 
@@ -146,3 +152,74 @@ def bake_checkpoint(source: Path, out_dir: Path, edits: dict[str, tuple], multip
             index = torch.tensor(indices)
             weight.index_copy_(neuron_dim, index, _scaled(weight.index_select(neuron_dim, index), multiplier))
         save_file(tensors, str(out_dir / shard), metadata=metadata)
+
+
+def _writes(module: nn.Module, conv1d: bool) -> list[torch.Tensor]:
+    """Views of a module's parameters with one residual-stream vector per row: what it can write."""
+    weight = module.weight
+    rows = [weight if conv1d or isinstance(module, nn.Embedding) else weight.t()]
+    bias = getattr(module, "bias", None)
+    return rows + ([bias.unsqueeze(0)] if bias is not None else [])
+
+
+def _residual_writers(model: nn.Module, adapter: ArchitectureAdapter) -> list[tuple[nn.Module, bool]]:
+    """Every module whose output is added to the residual stream, with whether it stores [in, out] (Conv1D)."""
+    embeddings = [model.get_input_embeddings()]
+    if adapter.family.position_embeddings:
+        embeddings.append(model.get_submodule(adapter.family.position_embeddings))
+    writers = [(module, False) for module in embeddings]
+    for blocks in adapter.block_outputs:
+        for block in blocks:
+            if not (isinstance(block, nn.Linear) or adapter.family.conv1d and hasattr(block, "nf")):
+                raise CnaError(f"cannot orthogonalise {adapter.model_type} weights: its blocks write through "
+                               f"{type(block).__name__}, not a linear map; steer with DirectionAblation's hooks")
+            writers.append((block, adapter.family.conv1d))
+    return writers
+
+
+@contextmanager
+def orthogonalised_weights(model: nn.Module, adapter: ArchitectureAdapter, direction: ResidualDirection,
+                           alpha: float = 1.0) -> Iterator[None]:
+    """Directional ablation written into the weights in place; the originals come back in `finally`.
+
+    A tied LM head is given its own copy of the unembedding first: the direction leaves what the
+    model writes, not what it reads out.
+    """
+    if is_quantized(model):
+        raise CnaError("cannot orthogonalise a quantised model's weights; load it with model.quantization=null")
+    unit = torch.tensor(direction.vector, dtype=torch.float64)
+    unit = (unit / unit.norm()).float()
+    head, tied = model.get_output_embeddings(), model.config.tie_word_embeddings
+    shared = head is not None and head.weight is model.get_input_embeddings().weight
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        if shared:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+            model.config.tie_word_embeddings = False
+        with torch.no_grad():
+            for module, conv1d in _residual_writers(model, adapter):
+                for rows in _writes(module, conv1d):
+                    d = unit.to(rows.device)
+                    saved.append((rows, rows.clone()))
+                    edited = rows.float()
+                    rows.copy_(edited - alpha * (edited @ d).unsqueeze(-1) * d)
+        yield
+    finally:
+        with torch.no_grad():
+            for rows, original in reversed(saved):
+                rows.copy_(original)
+        if shared:
+            head.weight = model.get_input_embeddings().weight
+            model.config.tie_word_embeddings = tied
+
+
+def export_orthogonalised_model(model, tokenizer, adapter: ArchitectureAdapter, direction: ResidualDirection,
+                                out_dir: str | Path, alpha: float = 1.0) -> Path:
+    """Write the directionally ablated model as an ordinary Hugging Face folder: loads and runs with no hooks."""
+    out_dir = Path(out_dir)
+    with orthogonalised_weights(model, adapter, direction, alpha):
+        model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "cna_bake.json").write_text(json.dumps(
+        {"alpha": alpha, "direction": direction.to_dict()}, indent=2), encoding="utf-8")
+    return out_dir

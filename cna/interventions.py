@@ -15,8 +15,10 @@ block, exception or not.
 - `SteeringVector` (CAA, Rimsky et al. 2024): subtracts alpha * scale * v from
   the residual stream after one layer, v = mean(positive) - mean(negative) there.
 - `DirectionAblation` (Arditi et al. 2024): removes alpha times the projection on
-  the unit mean-difference direction from the residual stream entering the first
-  layer and after every layer.
+  the unit mean-difference direction from everything written to the residual
+  stream (the embeddings, every attention block's output and every MLP block's
+  output), so no block reads it; the same as the weight-orthogonalised model
+  (`cna.export.orthogonalised_weights`).
 
 `positions` picks where an intervention acts during generation: `all` tokens,
 the `prompt` only (the prefill pass) or `generated` tokens only (later passes).
@@ -35,6 +37,7 @@ from cna.discovery import NeuronScores, random_circuit
 from cna.errors import ConfigError
 from cna.export import baked_weights as baked_weights  # re-exported: steering and its baked form
 from cna.export import export_baked_model as export_baked_model
+from cna.export import export_orthogonalised_model as export_orthogonalised_model
 from cna.hooks import Hook, TensorMap, attached, map_input, map_output
 from cna.models import ArchitectureAdapter
 
@@ -195,7 +198,11 @@ class SteeringVector(Intervention):
 
 
 class DirectionAblation(Intervention):
-    """Directional ablation: x <- x - alpha * (x . d) d with d the unit mean difference, at every layer."""
+    """Directional ablation: x <- x - alpha * (x . d) d, d the unit mean difference, on every residual write.
+
+    The embeddings (as the first layer receives them), and the outputs of every attention block and every
+    MLP block: the residual stream never holds the direction, so each block's input lacks it too.
+    """
 
     def __init__(self, adapter: ArchitectureAdapter, direction: ResidualDirection, *, positions: str = "all"):
         super().__init__(adapter, positions)
@@ -213,5 +220,5 @@ class DirectionAblation(Intervention):
             d = unit.on(x.device)
             return x - alpha * (x @ d).unsqueeze(-1) * d
 
-        first = [map_input(self.adapter.layers[0], ablate)]
-        return first + [map_output(layer, ablate) for layer in self.adapter.layers]
+        embeddings = [map_input(self.adapter.layers[0], ablate)]
+        return embeddings + [map_output(block, ablate) for blocks in self.adapter.block_outputs for block in blocks]

@@ -30,14 +30,19 @@ def model_cache() -> Path:
 
 @dataclass(frozen=True)
 class Family:
-    """Where one model family keeps its decoder layers and its neuron site."""
+    """Where one model family keeps its decoder layers, its neuron site and what writes to the residual stream."""
 
     layers: str  # attribute path from the top model to the list of decoder layers
     neuron_site: str  # path inside a decoder layer to the module whose INPUT is the neuron vector
+    attention_out: str  # path inside a decoder layer to the module whose OUTPUT the attention block adds
+    mlp_out: str | None = None  # the same for the MLP block; None: the neuron site (its output is the MLP's)
+    position_embeddings: str | None = None  # learned absolute positions, added to the token embeddings
     conv1d: bool = False  # GPT-2's Conv1D stores its weight as [in, out] instead of nn.Linear's [out, in]
 
 
-_GATED = Family("model.layers", "mlp.down_proj")
+_GATED = Family("model.layers", "mlp.down_proj", "self_attn.o_proj")
+# Gemma 2/3 and OLMo 2 normalise each block's output before adding it: the norms are what write to the residual.
+_POST_NORMED = Family("model.layers", "mlp.down_proj", "post_attention_layernorm", "post_feedforward_layernorm")
 
 FAMILIES: dict[str, Family] = {
     "llama": _GATED,
@@ -45,17 +50,18 @@ FAMILIES: dict[str, Family] = {
     "qwen2": _GATED,
     "qwen3": _GATED,
     "gemma": _GATED,
-    "gemma2": _GATED,
-    "gemma3_text": _GATED,
+    "gemma2": _POST_NORMED,
+    "gemma3_text": _POST_NORMED,
     "phi3": _GATED,
     "olmo": _GATED,
-    "olmo2": _GATED,
+    "olmo2": _POST_NORMED,
     "granite": _GATED,
-    "phi": Family("model.layers", "mlp.fc2"),
-    "gpt2": Family("transformer.h", "mlp.c_proj", conv1d=True),
-    "gptj": Family("transformer.h", "mlp.fc_out"),
-    "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h"),
-    "opt": Family("model.decoder.layers", "fc2"),
+    "phi": Family("model.layers", "mlp.fc2", "self_attn.dense"),
+    "gpt2": Family("transformer.h", "mlp.c_proj", "attn.c_proj", position_embeddings="transformer.wpe", conv1d=True),
+    "gptj": Family("transformer.h", "mlp.fc_out", "attn.out_proj"),
+    "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense"),
+    "opt": Family("model.decoder.layers", "fc2", "self_attn.out_proj",
+                  position_embeddings="model.decoder.embed_positions"),
 }
 
 
@@ -79,6 +85,10 @@ class ArchitectureAdapter:
         self.layers: list[nn.Module] = list(model.get_submodule(family.layers))
         self.neuron_sites: list[nn.Module] = [layer.get_submodule(family.neuron_site) for layer in self.layers]
         self.n_layers = len(self.layers)
+        # Per layer, the modules whose outputs the attention block and the MLP block add to the residual stream.
+        self.block_outputs: list[tuple[nn.Module, nn.Module]] = [
+            (layer.get_submodule(family.attention_out), layer.get_submodule(family.mlp_out or family.neuron_site))
+            for layer in self.layers]
         self.neurons_per_layer = _site_width(self.neuron_sites[0])
         self.hidden_size = model.get_input_embeddings().weight.shape[1]
 

@@ -336,7 +336,8 @@ class Evaluator:
                                  batch_size=self.cfg.batch_size) if self.data.mmlu else None
         point.update(mmlu_accuracy=mmlu.accuracy if mmlu else None, mmlu_ci95=list(mmlu.ci95) if mmlu else None)
         with _timed(timings, "kl"):
-            kl = kl_divergence(self._kl_logprobs(), self.unsteered_logprobs) if self.kl_prompts else None
+            kl = (kl_divergence(self._kl_logprobs(), self.unsteered_logprobs, self.cfg.eval.kl.direction)
+                  if self.kl_prompts else None)
         point["kl_divergence"] = kl
         return point, records, timings
 
@@ -431,6 +432,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     finished_records = keep_finished_generations(run_dir, set(done))
     results = {"model": model_name, "method": cfg.method.name, "status": "running", "config_sha256": sha,
                "in_sample": data.in_sample, "discovery_overlap": data.overlap,
+               **({"kl_direction": cfg.eval.kl.direction} if data.kl else {}),  # kl_divergence is KL(first || second)
                **({"generalisation_removed": data.generalisation_removed} if data.generalisation else {}),
                "points": list(done.values()), "timings_s": timings,
                "cache": {"hits": cache.hits, "misses": cache.misses}}

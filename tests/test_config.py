@@ -83,6 +83,7 @@ BAD_VALUES = [
     (["method.layers=[0.9,0.5]"], "method.layers: expected null, layer indices [start, stop)"),
     (["method.layers=[0.5,1.5]"], "method.layers: expected null, layer indices [start, stop)"),
     (["method.layers=final"], "method.layers: expected null, layer indices [start, stop)"),
+    (["eval.kl.direction=forward"], "eval.kl.direction: expected one of steered||unsteered, unsteered||steered"),
     (["reuse_baseline=maybe"], "reuse_baseline: expected one of True, False, got 'maybe'"),
     (["search={objectives:[mmlu_accuracy]}"], "search.objectives[0]: expected one of refusal_rate, kl_divergence"),
     (["search={objectives:[kl_divergence]}", "eval.kl.n=0"],

@@ -106,6 +106,12 @@ def test_kl_divergence_known_value_and_zero_on_itself():
     expected = 0.5 * (torch.tensor(5 / 9).log() + torch.tensor(5.0).log()).item()  # 0.5 ln(.5/.9) + 0.5 ln(.5/.1)
     assert kl_divergence(steered, unsteered) == pytest.approx(expected)
     assert kl_divergence(unsteered, unsteered) == 0.0
+    # The other direction weights the log ratio by the unsteered distribution: 0.9 ln(.9/.5) + 0.1 ln(.1/.5).
+    reverse = (0.9 * torch.tensor(1.8).log() + 0.1 * torch.tensor(0.2).log()).item()
+    assert kl_divergence(steered, unsteered, "unsteered||steered") == pytest.approx(reverse)
+    assert kl_divergence(steered, unsteered, "steered||unsteered") == pytest.approx(expected) != pytest.approx(reverse)
+    with pytest.raises(ValueError, match="KL direction 'forward' is not one of"):
+        kl_divergence(steered, unsteered, "forward")
 
 
 @pytest.fixture(scope="module")

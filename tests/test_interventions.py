@@ -3,9 +3,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from cna.batching import pad_batch
-from cna.circuit import Circuit, Neuron
+from cna.circuit import Circuit, Neuron, ResidualDirection
 from cna.discovery import collect_statistics, contrastive_scores, residual_direction, select_circuit
-from cna.errors import ConfigError
+from cna.errors import CnaError, ConfigError
+from cna.export import orthogonalised_weights
 from cna.generation import generate
 from cna.hooks import attached, hook_count, read_input, read_output
 from cna.interventions import (
@@ -15,10 +16,11 @@ from cna.interventions import (
     SteeringVector,
     baked_weights,
     export_baked_model,
+    export_orthogonalised_model,
 )
 from cna.models import ArchitectureAdapter
 from cna.tiny import tiny_llama, tiny_tokenizer
-from conftest import random_prompts
+from conftest import FAMILY_CONFIGS, random_prompts, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +155,95 @@ def test_direction_ablation_leaves_no_component_along_the_direction(setup):
         ablated = residual_after(model, adapter, layer, ablation.steer(1.0))
         assert (plain @ unit).abs().max() > 1e-2
         assert (ablated @ unit).abs().max() < 1e-5
+
+
+def test_direction_ablation_keeps_the_direction_from_every_block_input(setup):
+    """The published form: the MLP's input (the residual after attention) lacks it too, not only layer outputs."""
+    model, adapter, _, _, direction = setup
+    unit = torch.tensor(direction.vector, dtype=torch.float32)
+    unit = unit / unit.norm()
+    inputs: dict[str, list[torch.Tensor]] = {"plain": [], "ablated": []}
+    ids, mask = BATCH
+    for name, context in (("plain", attached([])), ("ablated", DirectionAblation(adapter, direction).steer(1.0))):
+        readers = [read_input(module, inputs[name].append) for layer in model.model.layers
+                   for module in (layer.input_layernorm, layer.post_attention_layernorm)]
+        with context, attached(readers), torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
+    assert len(inputs["ablated"]) == 2 * adapter.n_layers
+    assert min(float((x[mask.bool()] @ unit).abs().max()) for x in inputs["plain"]) > 1e-2
+    assert max(float((x[mask.bool()] @ unit).abs().max()) for x in inputs["ablated"]) < 1e-5
+
+
+def ablation_setup(tied: bool):
+    model = tiny_llama(seed=11, tie_word_embeddings=tied)
+    adapter = ArchitectureAdapter(model)
+    positive = collect_statistics(adapter, random_prompts(12, seed=12), pad_token_id=0, progress=False)
+    negative = collect_statistics(adapter, random_prompts(12, seed=13), pad_token_id=0, progress=False)
+    direction = residual_direction(positive, negative, model="tiny", method="direction", source_layer=1,
+                                   layers=list(range(adapter.n_layers)))
+    return model, adapter, direction
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_direction_ablation_hooks_equal_the_orthogonalised_weights(tied, alpha, capsys):
+    model, adapter, direction = ablation_setup(tied)
+    original = {name: p.clone() for name, p in model.state_dict().items()}
+    prompts = random_prompts(6, seed=16)
+    greedy = dict(pad_token_id=0, eos_token_id=[2], max_new_tokens=12, progress=False)
+    with DirectionAblation(adapter, direction).steer(alpha):
+        hooked, hooked_tokens = logits(model), generate(model, prompts, **greedy)
+    with orthogonalised_weights(model, adapter, direction, alpha):
+        assert hook_count(model) == 0
+        orthogonalised, orthogonalised_tokens = logits(model), generate(model, prompts, **greedy)
+    effect = float((hooked - logits(model)).abs().max())
+    difference = float((hooked - orthogonalised).abs().max())
+    with capsys.disabled():
+        print(f"\ndirectional ablation, alpha {alpha}, {'tied' if tied else 'untied'}: max |logit difference| "
+              f"hooks vs orthogonalised weights {difference:.2e} (total effect {effect:.3f})")
+    assert effect > 0.05 and difference < 1e-5
+    assert orthogonalised_tokens == hooked_tokens
+    assert all(torch.equal(p, original[name]) for name, p in model.state_dict().items())  # restored
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied_embeddings"])
+def test_the_orthogonalised_export_generates_what_the_hooks_generate(tied, tmp_path):
+    model, adapter, direction = ablation_setup(tied)
+    prompts = random_prompts(6, seed=17)
+    greedy = dict(pad_token_id=0, eos_token_id=[2], max_new_tokens=12, progress=False)
+    with DirectionAblation(adapter, direction).steer(1.0):
+        hooked, hooked_tokens = logits(model), generate(model, prompts, **greedy)
+    assert (hooked - logits(model)).abs().max() > 0.05
+    folder = export_orthogonalised_model(model, tiny_tokenizer(), adapter, direction, tmp_path / "ablated")
+    baked = AutoModelForCausalLM.from_pretrained(folder).eval()
+    assert hook_count(baked) == 0 and not baked.config.tie_word_embeddings
+    assert (logits(baked) - hooked).abs().max() < 1e-5
+    assert generate(baked, prompts, **greedy) == hooked_tokens
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_CONFIGS))
+def test_direction_ablation_in_every_family(model_type):
+    """The hooks leave no component in any layer's output; where blocks write through a linear map the
+    orthogonalised weights give the same logits, and where a norm follows (Gemma 2/3, OLMo 2) baking is refused."""
+    model = tiny_model(model_type)
+    adapter = ArchitectureAdapter(model)
+    vector = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(3))
+    direction = ResidualDirection("tiny", "direction", 0, list(range(adapter.n_layers)), vector.tolist(),
+                                  adapter.n_layers)
+    unit = vector / vector.norm()
+    ablation = DirectionAblation(adapter, direction)
+    for layer in range(adapter.n_layers):
+        assert (residual_after(model, adapter, layer, ablation.steer(1.0)) @ unit).abs().max() < 1e-4
+    with ablation.steer(1.0):
+        hooked = logits(model)
+    if adapter.family.mlp_out is not None:
+        with pytest.raises(CnaError, match=f"^cannot orthogonalise {model_type} weights"), \
+                orthogonalised_weights(model, adapter, direction):
+            pass
+        return
+    with orthogonalised_weights(model, adapter, direction):
+        torch.testing.assert_close(logits(model), hooked, atol=1e-4, rtol=1e-4)
 
 
 def test_random_control_steers_its_own_neurons(setup):

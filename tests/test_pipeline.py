@@ -43,6 +43,7 @@ def test_a_job_writes_the_output_contract(tiny_folder, tmp_path, method):
         assert point["mmlu_accuracy"] is not None and point["kl_divergence"] is not None
         assert set(point["over_refusal"]) == {"jbb_benign", "xstest_safe"}
     assert saved["points"][0]["kl_divergence"] == 0.0  # alpha = 0 is the unsteered model
+    assert saved["kl_direction"] == "steered||unsteered"  # kl_divergence is KL(steered || unsteered)
     assert {"data", "load_model", "discovery", "generation", "mmlu"} <= set(saved["timings_s"])
     circuit = json.loads((tmp_path / "run" / CIRCUIT).read_text())
     assert circuit["method"] == method
@@ -200,3 +201,15 @@ def test_generalisation_sets_drop_discovery_copies_and_are_scored_per_set(tiny_f
     assert sum(line["set"] == "advbench" for line in lines) == 2 * 5
     jbb = {line["prompt"] for line in lines if line["set"] == "jbb_benign"}
     assert len(jbb) == 3
+
+
+def test_kl_is_measured_in_the_configured_direction_and_recorded(tiny_folder, tmp_path):
+    runs = {direction: run(small_job(tiny_folder, tmp_path / "cache", "method=caa", "eval.refusal.n=1",
+                                     "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0",
+                                     "eval.mmlu.n=0", "max_new_tokens=1", f"eval.kl.direction={direction}"),
+                           tmp_path / direction.replace("||", "_"))
+            for direction in ("steered||unsteered", "unsteered||steered")}
+    for direction, results in runs.items():
+        assert results["kl_direction"] == direction and results["points"][0]["kl_divergence"] == 0.0
+    forward, reverse = (runs[d]["points"][1]["kl_divergence"] for d in ("steered||unsteered", "unsteered||steered"))
+    assert forward > 0 and reverse > 0 and forward != pytest.approx(reverse, rel=1e-3)
