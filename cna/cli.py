@@ -10,18 +10,21 @@ import textwrap
 import time
 from pathlib import Path
 
-from cna.data import deduplicate, encode_prompts, packaged_prompts, prompt_sets_sha256, read_prompt_file
-from cna.discovery import (
-    DISCOVERY_TOKEN_BUDGET,
-    collect_statistics,
-    contrastive_scores,
-    select_circuit,
-    universal_neurons,
-)
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from cna.cache import StatisticsCache
+from cna.config import validate
+from cna.data import deduplicate, encode_prompts, read_prompt_file
+from cna.discovery import DISCOVERY_TOKEN_BUDGET
 from cna.errors import CnaError
 from cna.generation import eos_token_ids, generate
 from cna.interventions import NeuronScale
-from cna.models import ModelSpec, load_model
+from cna.models import load_model
+from cna.pipeline import JobData, discover_method, discovery_overlap, model_spec
+from cna.run_folder import CIRCUIT
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     selection.add_argument("--batch-size", type=int, default=16)
     selection.add_argument("--batch-tokens", type=int, default=DISCOVERY_TOKEN_BUDGET,
                            help="most padded tokens per discovery batch (bounds activation memory)")
+    selection.add_argument("--cache-dir", help="statistics cache folder, shared with launch.py's cache_dir")
     show = discover.add_argument_group("side-by-side generations")
     show.add_argument("--show", help="file of prompts to generate for (default: the positive set)")
     show.add_argument("--show-column", default="goal")
@@ -69,10 +73,25 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
     return prompts if n >= len(prompts) else random.Random(seed).sample(prompts, n)
 
 
+def job_config(args: argparse.Namespace) -> DictConfig:
+    """The pipeline's own job config (conf/config.yaml, method cna) with the command line's settings."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["method=cna", "logger=none"])
+    cfg.model.update(name=args.model, local_name=args.local_name, path=args.path, dtype=args.dtype,
+                     device=args.device, template=args.template)
+    cfg.method.update(k_fraction=args.k_fraction, k=args.k, sign=args.sign)
+    cfg.method.universal.update(enabled=not args.no_filter, top_fraction=args.top_fraction, threshold=args.threshold)
+    cfg.update(seed=args.seed, batch_size=args.batch_size, discovery_batch_tokens=args.batch_tokens)
+    return cfg
+
+
 def discover(args: argparse.Namespace) -> None:
     # Every input file is read before the model loads, so a typo fails in a second, not after a minute.
+    cfg = job_config(args)
+    validate(cfg)
     positive = read_prompt_file(args.positive, args.positive_column)
     negative = read_prompt_file(args.negative, args.negative_column)
+    removed, overlap = {"positive": 0, "negative": 0}, {}
     if args.dedup_against:
         evaluation = read_prompt_file(args.dedup_against, args.dedup_column)
         for name, prompts in (("positive", positive), ("negative", negative)):
@@ -80,41 +99,24 @@ def discover(args: argparse.Namespace) -> None:
             print(f"{name} set: removed {len(kept.exact)} exact and {len(kept.near)} near duplicates of "
                   f"{args.dedup_against}")
             prompts[:] = kept.kept
+            removed[name] = kept.removed
     positive = _sample(positive, args.n, args.seed)
     negative = _sample(negative, args.n, args.seed)
+    if args.dedup_against:
+        overlap = discovery_overlap(positive + negative, {"dedup_against": evaluation}, args.dedup_threshold)
+    data = JobData(positive, negative, refusal=[], over_refusal={}, kl=[], mmlu=[], removed_duplicates=removed,
+                   overlap=overlap)
     shown = read_prompt_file(args.show, args.show_column) if args.show else positive
     shown = _sample(shown, args.show_n, args.seed)
     started = time.perf_counter()
-    loaded = load_model(ModelSpec(name=args.model, local_name=args.local_name, path=args.path, dtype=args.dtype,
-                                  device=args.device))
+    loaded = load_model(model_spec(cfg))
     tokenizer, adapter = loaded.tokenizer, loaded.adapter
     print(f"model {loaded.source}: {adapter.n_layers} layers x {adapter.neurons_per_layer} neurons "
           f"({adapter.model_type}), loaded in {time.perf_counter() - started:.1f} s")
 
     started = time.perf_counter()
-    collect = dict(pad_token_id=tokenizer.pad_token_id, batch_size=args.batch_size,
-                   max_batch_tokens=args.batch_tokens)
-    positive_stats = collect_statistics(adapter, encode_prompts(tokenizer, positive, args.template),
-                                        desc="positive", **collect)
-    negative_stats = collect_statistics(adapter, encode_prompts(tokenizer, negative, args.template),
-                                        desc="negative", **collect)
-    universal = None
-    if not args.no_filter:
-        diverse = collect_statistics(adapter, encode_prompts(tokenizer, packaged_prompts("diverse"), args.template),
-                                     top_fraction=args.top_fraction, desc="diverse", **collect)
-        universal = universal_neurons(diverse, args.threshold)
-    circuit = select_circuit(
-        contrastive_scores(positive_stats, negative_stats),
-        model=args.model,
-        k_fraction=args.k_fraction,
-        k=args.k,
-        sign=args.sign,
-        universal=universal,
-        prompts={"positive": len(positive), "negative": len(negative),
-                 "sha256": prompt_sets_sha256(positive, negative), "deduplicated_against": args.dedup_against},
-        settings={"top_fraction": args.top_fraction, "threshold": None if args.no_filter else args.threshold},
-    )
-    path = circuit.save(Path(args.out) / "circuit.json")
+    _, circuit = discover_method(cfg, loaded, data, StatisticsCache(args.cache_dir))  # the pipeline's discovery
+    path = circuit.save(Path(args.out) / CIRCUIT)
     occupied = {layer: count for layer, count in circuit.layer_counts.items() if count}
     print(f"circuit: k = {circuit.k} of {adapter.total_neurons} neurons, {circuit.universal_removed} universal "
           f"removed, found in {time.perf_counter() - started:.1f} s -> {path}")

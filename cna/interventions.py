@@ -10,8 +10,8 @@ block, exception or not.
 - `NeuronScale` (CNA): the circuit's neurons become m * x + (1 - m) * c, with
   m = 1 - alpha (or an explicit multiplier, m > 1 amplifies) and c = 0 in
   `scale` mode, the neuron's negative-set mean in `mean` mode.
-- `RandomNeurons`: the same, on a seeded random circuit with the same number of
-  neurons per layer as a given circuit (the control).
+  The random control is `NeuronScale` on `cna.discovery.random_circuit`: as many
+  neurons per layer as a given circuit, drawn with a seed.
 - `SteeringVector` (CAA, Rimsky et al. 2024): subtracts alpha * scale * v from
   the residual stream after one layer, v = mean(positive) - mean(negative) there.
 - `DirectionAblation` (Arditi et al. 2024): removes alpha times the projection on
@@ -33,7 +33,6 @@ from contextlib import contextmanager
 import torch
 
 from cna.circuit import Circuit, ResidualDirection
-from cna.discovery import NeuronScores, random_circuit
 from cna.errors import ConfigError
 from cna.export import baked_weights as baked_weights  # re-exported: steering and its baked form
 from cna.export import export_baked_model as export_baked_model
@@ -168,14 +167,6 @@ class NeuronScale(Intervention):
             hooks.append(map_input(self.adapter.neuron_sites[layer],
                                    _in_float32(lambda x, f=factors, o=offsets: x * f.on(x.device) + o.on(x.device))))
         return hooks
-
-
-class RandomNeurons(NeuronScale):
-    """The control: as many neurons per layer as `circuit`, drawn with `seed`, steered like CNA."""
-
-    def __init__(self, adapter: ArchitectureAdapter, circuit: Circuit, scores: NeuronScores, *, seed: int,
-                 mode: str = "scale", positions: str = "all"):
-        super().__init__(adapter, random_circuit(circuit, scores, seed), mode=mode, positions=positions)
 
 
 class SteeringVector(Intervention):

@@ -225,6 +225,16 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
     return DirectionAblation(adapter, direction, positions=method.positions), direction
 
 
+def discover_method(cfg: DictConfig, lm: LoadedModel, data: JobData,
+                    cache: StatisticsCache) -> tuple[Intervention, Circuit | ResidualDirection]:
+    """Statistics (cached) -> circuit or direction: the one discovery path of launch.py and `python -m cna discover`."""
+    return build_method(cfg, lm, discover(cfg, lm, data, cache), data, cfg.model.name)
+
+
+def model_spec(cfg: DictConfig) -> ModelSpec:
+    return ModelSpec(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "template"})
+
+
 # --- the strength sweep -----------------------------------------------------------------------------------------
 
 def strength_points(cfg: DictConfig) -> list[tuple[float, float | None]]:
@@ -420,13 +430,11 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     with _timed(timings, "data"):
         data = load_job_data(cfg)
     model_name = cfg.model.name
-    spec = ModelSpec(**{k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if k != "template"})
     with _timed(timings, "load_model"):
-        lm = load_model(spec)
+        lm = load_model(model_spec(cfg))
     cache = StatisticsCache(cfg.cache_dir)
     with _timed(timings, "discovery"):
-        found = discover(cfg, lm, data, cache)
-        intervention, artifact = build_method(cfg, lm, found, data, model_name)
+        intervention, artifact = discover_method(cfg, lm, data, cache)
     artifact.save(run_dir / CIRCUIT)
     done = {p["alpha"]: p for p in previous["points"]} if previous else {}
     finished_records = keep_finished_generations(run_dir, set(done))

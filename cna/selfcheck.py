@@ -21,14 +21,20 @@ from pathlib import Path
 import torch
 
 from cna.batching import pad_batch
-from cna.discovery import collect_statistics, contrastive_scores, residual_direction, select_circuit
+from cna.discovery import (
+    collect_statistics,
+    contrastive_scores,
+    random_circuit,
+    residual_direction,
+    select_circuit,
+)
 from cna.errors import CnaError
 from cna.evaluation.kl import kl_divergence
 from cna.evaluation.mmlu import letter_token_ids
 from cna.evaluation.scoring import next_token_logprobs
 from cna.export import export_baked_model
 from cna.generation import generate
-from cna.interventions import POSITIONS, DirectionAblation, NeuronScale, RandomNeurons, SteeringVector
+from cna.interventions import POSITIONS, DirectionAblation, NeuronScale, SteeringVector
 from cna.models import MODEL_CACHE_ENV, ArchitectureAdapter, input_device, model_cache
 from cna.tiny import VOCAB, write_tiny_model
 
@@ -112,7 +118,7 @@ def alpha_zero_identity(folder: Path, vocab: int) -> Outcome:
         for name, intervention in {
             "cna": NeuronScale(adapter, circuit, positions=positions),
             "cna-mean": NeuronScale(adapter, circuit, mode="mean", positions=positions),
-            "random": RandomNeurons(adapter, circuit, scores, seed=0, positions=positions),
+            "random": NeuronScale(adapter, random_circuit(circuit, scores, 0), positions=positions),
             "caa": SteeringVector(adapter, direction, positions=positions),
             "direction": DirectionAblation(adapter, direction, positions=positions),
         }.items():

@@ -4,7 +4,13 @@ from transformers import AutoModelForCausalLM
 
 from cna.batching import pad_batch
 from cna.circuit import Circuit, Neuron, ResidualDirection
-from cna.discovery import collect_statistics, contrastive_scores, residual_direction, select_circuit
+from cna.discovery import (
+    collect_statistics,
+    contrastive_scores,
+    random_circuit,
+    residual_direction,
+    select_circuit,
+)
 from cna.errors import CnaError, ConfigError
 from cna.export import orthogonalised_weights
 from cna.generation import generate
@@ -12,7 +18,6 @@ from cna.hooks import attached, hook_count, read_input, read_output
 from cna.interventions import (
     DirectionAblation,
     NeuronScale,
-    RandomNeurons,
     SteeringVector,
     baked_weights,
     export_baked_model,
@@ -40,7 +45,7 @@ def every_intervention(setup):
     return {
         "cna_scale": NeuronScale(adapter, circuit),
         "cna_mean": NeuronScale(adapter, circuit, mode="mean"),
-        "random": RandomNeurons(adapter, circuit, scores, seed=0),
+        "random": NeuronScale(adapter, random_circuit(circuit, scores, 0)),
         "caa": SteeringVector(adapter, direction, scale=4.0),
         "direction": DirectionAblation(adapter, direction),
     }
@@ -248,7 +253,7 @@ def test_direction_ablation_in_every_family(model_type):
 
 def test_random_control_steers_its_own_neurons(setup):
     _, adapter, scores, circuit, _ = setup
-    control = RandomNeurons(adapter, circuit, scores, seed=5)
+    control = NeuronScale(adapter, random_circuit(circuit, scores, 5))
     assert control.circuit.layer_counts == circuit.layer_counts
     assert control.circuit.neurons != circuit.neurons
 

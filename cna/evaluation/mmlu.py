@@ -42,13 +42,6 @@ def load_mmlu_folder(folder: str | Path, split: str = "test") -> list[MmluQuesti
     return questions
 
 
-def load_mmlu_hub(name: str = "cais/mmlu", config: str = "all", split: str = "test") -> list[MmluQuestion]:
-    from datasets import load_dataset
-
-    rows = load_dataset(name, config, split=split)
-    return [MmluQuestion(r["subject"], r["question"], tuple(r["choices"]), int(r["answer"])) for r in rows]
-
-
 def stratified_sample(questions: Sequence[MmluQuestion], n: int, seed: int = 0) -> list[MmluQuestion]:
     """n questions, each subject getting its share of the total (largest remainders), drawn with `seed`."""
     if n > len(questions):
