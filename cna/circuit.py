@@ -73,17 +73,18 @@ class Circuit:
 
     @classmethod
     def from_dict(cls, data: dict) -> Circuit:
-        return cls(
-            model=data["model"],
-            method=data["method"],
-            neurons=[Neuron(**neuron) for neuron in data["neurons"]],
-            n_layers=data["n_layers"],
-            neurons_per_layer=data["neurons_per_layer"],
-            k_fraction=data["k_fraction"],
-            universal_removed=data.get("universal_removed", 0),
-            prompts=data.get("prompts", {}),
-            settings=data.get("settings", {}),
-        )
+        """From circuit.json; a file carrying only the contract's neuron fields (layer, index, delta) reads too."""
+        neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("delta", 0.0)),
+                          float(n.get("positive_mean", 0.0)), float(n.get("negative_mean", 0.0)))
+                   for n in data["neurons"]]
+        n_layers = data.get("n_layers")
+        if n_layers is None:
+            n_layers = max((n.layer for n in neurons), default=-1) + 1
+        return cls(model=str(data.get("model", "?")), method=str(data.get("method", "?")), neurons=neurons,
+                   n_layers=int(n_layers), neurons_per_layer=int(data.get("neurons_per_layer", 0)),
+                   k_fraction=float(data.get("k_fraction", 0.0)),
+                   universal_removed=int(data.get("universal_removed", 0)),
+                   prompts=data.get("prompts", {}), settings=data.get("settings", {}))
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())

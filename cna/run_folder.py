@@ -66,6 +66,37 @@ def read_json(path: str | Path) -> dict:
     return data
 
 
+def read_overrides(run_dir: Path) -> list[str]:
+    """A Hydra job's command-line overrides (.hydra/overrides.yaml); none when absent or unreadable."""
+    path = Path(run_dir) / OVERRIDES
+    if not path.is_file():
+        return []
+    try:
+        import yaml
+
+        items = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - a broken overrides file only costs a report label its suffix
+        return []
+    return [str(item) for item in items] if isinstance(items, list) else []
+
+
+def read_circuit(run_dir: Path):
+    """The folder's circuit.json: a Circuit (neuron methods), the file's object (residual directions),
+    or None when it is absent or unreadable."""
+    from cna.circuit import Circuit  # cna.circuit writes through this module
+
+    try:
+        data = read_json(Path(run_dir) / CIRCUIT)
+    except (OSError, CnaError):
+        return None
+    if not isinstance(data.get("neurons"), list):
+        return data
+    try:
+        return Circuit.from_dict(data)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def move_aside(path: Path, problem: str) -> Path:
     """Rename an unreadable file to `<name>.corrupt-<time>` (kept for inspection) and warn."""
     aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")

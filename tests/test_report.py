@@ -275,3 +275,21 @@ def test_the_summary_says_which_runs_reduced_refusal_with_intervals(tmp_path):
     assert effect_sentence([changes["random"]]).startswith("None of the 1 run(s) reduced refusal: m/random")
     summary = write_report(tmp_path)["summary"].read_text()
     assert sentence in summary and "**In-sample:** 1 run(s)" in summary and "yes (jbb_harmful: 100)" in summary
+
+
+def test_a_failed_job_shows_its_reason_and_kl_axes_name_the_recorded_direction(tmp_path):
+    from cna.report.figures import kl_name
+
+    make_run(tmp_path, QWEN, "cna", ["method.k=999"], status="failed", points=[])
+    failed = json.loads((tmp_path / "method.k=999" / "results.json").read_text())
+    (tmp_path / "method.k=999" / "results.json").write_text(json.dumps({**failed, "error": "method.k: expected"}))
+    make_run(tmp_path, QWEN, "caa", ["method=caa"])
+    summary = write_report(tmp_path)["summary"].read_text()
+    assert "| failed: method.k: expected |" in summary
+    runs, _ = find_runs(tmp_path)
+    assert kl_name(runs) == "KL(steered || unsteered)"  # runs from before kl_direction was recorded
+    for run in runs:
+        run.results["kl_direction"] = "unsteered||steered"
+    assert kl_name(runs) == "KL(unsteered || steered)"
+    runs[0].results["kl_direction"] = "steered||unsteered"
+    assert kl_name(runs).startswith("KL (directions differ")

@@ -1,0 +1,7 @@
+"""python -m cna.report DIR [--out OUT]"""
+
+import sys
+
+from cna.report.summary import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""What a report computes from runs: the refusal-vs-KL Pareto front, circuit overlaps, refusal changes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from cna.circuit import Circuit, overlap
+from cna.evaluation.intervals import difference_interval
+from cna.report.runs import Run, is_number
+
+QUALITY_FLOOR = 0.97  # the paper's bar for "output quality kept": hollow markers in refusal_vs_kl fall below it
+MISSING = "n/a"
+
+
+def fmt(value, spec: str = ".3f") -> str:
+    return format(value, spec) if is_number(value) else MISSING
+
+
+def fmt_ci(value, ci, spec: str = ".3f") -> str:
+    if not is_number(value):
+        return MISSING
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(is_number, ci)):
+        return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
+    return format(value, spec)
+
+
+def steered_points(runs: list[Run]) -> list[tuple[Run, dict]]:
+    return [(run, point) for run in runs for point in run.points
+            if point.get("alpha") and is_number(point.get("kl_divergence")) and is_number(point.get("refusal_rate"))]
+
+
+def pareto_front(runs: list[Run], quality_floor: float = QUALITY_FLOOR) -> list[tuple[Run, dict]]:
+    """The steered points no other point beats on both refusal and KL, among those at quality >= the floor.
+
+    A point is dominated when another has refusal <= and KL <= with one of them strictly lower; the front
+    comes back sorted by KL (refusal falling along it).
+    """
+    feasible = [(run, point) for run, point in steered_points(runs)
+                if is_number(point.get("quality")) and point["quality"] >= quality_floor]
+
+    def dominates(a: dict, b: dict) -> bool:
+        return (a["refusal_rate"] <= b["refusal_rate"] and a["kl_divergence"] <= b["kl_divergence"]
+                and (a["refusal_rate"] < b["refusal_rate"] or a["kl_divergence"] < b["kl_divergence"]))
+
+    front = [(run, point) for run, point in feasible if not any(dominates(other, point) for _, other in feasible)]
+    return sorted(front, key=lambda item: (item[1]["kl_divergence"], item[1]["refusal_rate"]))
+
+
+def neuron_runs(runs: list[Run]) -> list[Run]:
+    return [run for run in runs if run.circuit is not None]
+
+
+def overlap_matrix(circuits: list[Circuit]) -> np.ndarray:
+    """|A ∩ B|: the number of shared (layer, index) pairs for every pair of circuits (the diagonal is k)."""
+    n = len(circuits)
+    matrix = np.zeros((n, n), dtype=int)
+    for i in range(n):
+        for j in range(i, n):
+            matrix[i, j] = matrix[j, i] = len(overlap(circuits[i], circuits[j]))
+    return matrix
+
+
+@dataclass(frozen=True)
+class RefusalChange:
+    """A run's refusal at its strongest point against its own unsteered point (alpha = 0)."""
+
+    run: Run
+    baseline: dict
+    steered: dict
+    change: float
+    ci95: tuple[float, float]
+
+    @property
+    def verdict(self) -> str:
+        if self.ci95[1] < 0:
+            return "reduced"
+        return "raised" if self.ci95[0] > 0 else "no significant change"
+
+    def describe(self) -> str:
+        before, after = self.baseline, self.steered
+        return (f"{fmt_ci(before['refusal_rate'], before.get('refusal_ci95'), '.2f')} -> "
+                f"{fmt_ci(after['refusal_rate'], after.get('refusal_ci95'), '.2f')} at alpha {after['alpha']:g}, "
+                f"change {self.change:+.2f} [{self.ci95[0]:+.2f}, {self.ci95[1]:+.2f}]")
+
+
+def refusal_changes(runs: list[Run]) -> list[RefusalChange]:
+    """Baseline vs strongest steered point, for every run that has both (and their intervals)."""
+    changes = []
+    for run in runs:
+        points = {p["alpha"]: p for p in run.points if is_number(p.get("refusal_rate"))}
+        steered = [alpha for alpha in points if alpha > 0]
+        if 0.0 not in points or not steered:
+            continue
+        baseline, strongest = points[0.0], points[max(steered)]
+        cis = [p.get("refusal_ci95") for p in (baseline, strongest)]
+        if not all(isinstance(ci, (list, tuple)) and len(ci) == 2 for ci in cis):
+            continue
+        ci95 = difference_interval(baseline["refusal_rate"], cis[0], strongest["refusal_rate"], cis[1])
+        changes.append(RefusalChange(run, baseline, strongest, strongest["refusal_rate"] - baseline["refusal_rate"],
+                                     ci95))
+    return changes
+
+
+def effect_sentence(changes: list[RefusalChange]) -> str:
+    """One sentence: which runs reduced refusal and by how much, and what the others did, with intervals."""
+    reduced = [c for c in changes if c.verdict == "reduced"]
+    others = [c for c in changes if c.verdict != "reduced"]
+    listed_others = "; ".join(f"{c.run.display} ({c.verdict}: {c.describe()})" for c in others)
+    if not reduced:
+        return f"None of the {len(changes)} run(s) reduced refusal: {listed_others}."
+    sentence = "Reduced refusal: " + "; ".join(f"{c.run.display} ({c.describe()})" for c in reduced)
+    return sentence + (f"; did not: {listed_others}." if others else ".")

@@ -1,0 +1,183 @@
+"""summary.md for a tree of run folders, and the command line: python -m cna.report DIR [--out OUT]."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+from cna.circuit import localisation
+from cna.report.analysis import (
+    MISSING,
+    QUALITY_FLOOR,
+    effect_sentence,
+    fmt,
+    fmt_ci,
+    neuron_runs,
+    overlap_matrix,
+    pareto_front,
+    refusal_changes,
+    steered_points,
+)
+from cna.report.figures import draw_figures
+from cna.report.runs import NoRunsError, Run, find_runs, folder_name, is_number
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def point_row(run: Run, point: dict) -> list[str]:
+    """One summary table row: how every number of a point is printed."""
+    return [
+        run.display, run.short_model, run.method, fmt(point.get("alpha"), "g"), fmt(point.get("multiplier"), "g"),
+        fmt_ci(point.get("refusal_rate"), point.get("refusal_ci95")), fmt(point.get("quality")),
+        fmt(point.get("degenerate_rate")), fmt_ci(point.get("mmlu_accuracy"), point.get("mmlu_ci95")),
+        fmt(point.get("kl_divergence"), ".4g"),
+        fmt_ci(point.get("over_refusal_rate"), point.get("over_refusal_ci95")),
+        str(point.get("n_prompts", MISSING)),
+    ]
+
+
+_TABLE_HEADER = ["run", "model", "method", "alpha", "m", "refusal rate [95% CI]", "quality", "degenerate",
+                 "MMLU [95% CI]", "KL", "over-refusal [95% CI]", "n"]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _circuit_section(run: Run) -> list[str]:
+    circuit = run.circuit
+    lines = [f"### {run.display}", ""]
+    k_fraction = f" ({circuit.k_fraction:.4%} of all MLP neurons)" if circuit.k_fraction else ""
+    lines.append(f"- k = {circuit.k}{k_fraction}, {circuit.n_layers} layers"
+                 + (f" x {circuit.neurons_per_layer} neurons" if circuit.neurons_per_layer else "")
+                 + (f", universal neurons removed: {circuit.universal_removed}" if circuit.universal_removed else ""))
+    counts = {layer: c for layer, c in sorted(circuit.layer_counts.items()) if c}
+    lines.append("- neurons per layer (non-zero): " + (", ".join(f"L{layer}: {c}" for layer, c in counts.items())
+                                                        or "none"))
+    if circuit.neurons:
+        where = localisation(circuit)
+        lines.append(f"- localisation of the top {where['n']} by |delta|: {where['final_3_layers']:.1%} in the final "
+                     f"3 layers, {where['final_quarter']:.1%} in the final quarter "
+                     f"(layers {where['final_quarter_start_layer']}-{circuit.n_layers - 1})")
+    return lines + [""]
+
+
+def _overlap_section(runs: list[Run]) -> list[str]:
+    """Shared (layer, neuron) pairs for every pair of circuits, as a count and a share of the smaller circuit."""
+    matrix = overlap_matrix([run.circuit for run in runs])
+    rows = []
+    for i, j in itertools.combinations(range(len(runs)), 2):
+        smaller = min(runs[i].circuit.k, runs[j].circuit.k)
+        rows.append([runs[i].display, runs[j].display, f"{int(matrix[i, j])} / {smaller}",
+                     f"{matrix[i, j] / smaller:.1%}" if smaller else MISSING])
+    return ["## Circuit overlap", ""] + _table(["circuit", "circuit", "shared neurons", "share"], rows) + [""]
+
+
+def _direction_line(run: Run) -> str:
+    data = run.direction or {}
+    layers = data.get("layers") or []
+    edited = (f"layer {layers[0]}" if len(layers) == 1 else f"{len(layers)} layers") if layers else "?"
+    return (f"- {run.display}: mean difference at layer {data.get('source_layer', '?')}, edits {edited}, "
+            f"|v| = {fmt(data.get('vector_norm'), '.4g')}")
+
+
+def _in_sample_text(run: Run) -> str:
+    """'no', 'yes (set: n, ...)', or n/a for results written before the overlap was recorded."""
+    if "in_sample" not in run.results:
+        return MISSING
+    overlap = {name: n for name, n in (run.results.get("discovery_overlap") or {}).items() if n}
+    return "yes (" + ", ".join(f"{name}: {n}" for name, n in overlap.items()) + ")" if overlap else "no"
+
+
+def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, Path],
+                  skipped: list[tuple[Path, str]] = ()) -> Path:
+    incomplete = sum(not run.complete for run in runs)
+    lines = ["# cna report", "", f"{len(runs)} run(s) under `{folder}`"
+             + (f", {incomplete} incomplete" if incomplete else "") + ".", ""]
+    changes = refusal_changes(runs)
+    if changes:
+        lines += [effect_sentence(changes), "",
+                  "(Change: the strongest point minus the same run's alpha = 0 point; 95% interval by Newcombe's "
+                  "method, conservative for the shared prompts.)", ""]
+    in_sample = [run for run in runs if run.results.get("in_sample")]
+    if in_sample:
+        lines += [f"**In-sample:** {len(in_sample)} run(s) discovered their circuit on prompts they are also "
+                  "evaluated on (see the in-sample column); their numbers are not held-out results.", ""]
+
+    lines += ["## Runs", ""]
+    run_rows = []
+    for run in runs:
+        timings = run.results.get("timings_s") or {}
+        total = sum(v for v in timings.values() if is_number(v))
+        status = f"{run.status}: {run.results['error']}" if run.results.get("error") else run.status
+        run_rows.append([run.display, run.model, run.method, status, str(len(run.points)),
+                         f"{total:.0f}" if timings else MISSING, _in_sample_text(run), folder_name(run.path, folder)])
+    lines += _table(["run", "model", "method", "status", "points", "time (s)", "in-sample discovery", "folder"],
+                    run_rows) + [""]
+
+    lines += ["## Points", ""]
+    rows = [point_row(run, point) for run in runs for point in run.points]
+    lines += (_table(_TABLE_HEADER, rows) if rows else ["No finished points yet."]) + [""]
+
+    with_circuit = neuron_runs(runs)
+    if with_circuit:
+        lines += ["## Neuron circuits", ""]
+        for run in with_circuit:
+            lines += _circuit_section(run)
+    if len(with_circuit) >= 2:
+        lines += _overlap_section(with_circuit)
+    if len(steered_points(runs)) >= 2:
+        front = pareto_front(runs)
+        lines += [f"## Pareto front: refusal vs KL at quality >= {QUALITY_FLOOR}", ""]
+        lines += (_table(_TABLE_HEADER + ["folder"], [point_row(run, point) + [folder_name(run.path, folder)]
+                                                      for run, point in front])
+                  if front else [f"No steered point keeps quality >= {QUALITY_FLOOR}."]) + [""]
+    directions = [run for run in runs if run.direction is not None]
+    if directions:
+        lines += ["## Residual directions", ""] + [_direction_line(run) for run in directions] + [""]
+
+    if skipped:
+        lines += ["## Unreadable results", ""] + [f"- `{p}`: {_cell(reason)}" for p, reason in skipped] + [""]
+
+    lines += ["## Figures", ""]
+    lines += [f"- [{image.name}]({image.name})" for image in images.values()]
+    lines += [""] + [f"![{name}]({image.name})" for name, image in images.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def write_report(folder: Path, out: Path | None = None) -> dict[str, Path]:
+    """Figures and summary.md for every run folder under `folder`, written into `out` (default: `folder`).
+
+    Returns {name: path} for every file written: the figure names (e.g. "refusal_quality_vs_alpha") and "summary".
+    Raises NoRunsError when there is no results.json under `folder`.
+    """
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder
+    runs, skipped = find_runs(folder)
+    written = draw_figures(runs, out)
+    written["summary"] = write_summary(runs, out / "summary.md", folder, dict(written), skipped)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cna.report",
+                                     description="Plots and summary.md from one run folder or a tree of run folders.")
+    parser.add_argument("folder", type=Path, help="a run folder, or an outputs/multirun folder holding many")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the folder itself)")
+    args = parser.parse_args(argv)
+    try:
+        written = write_report(args.folder, args.out)
+    except NoRunsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written.values():
+        print(path)
+    return 0
