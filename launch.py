@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cna.errors import CnaError
 from cna.judge import judge_group_overrides
-from cna.pipeline import config_sha256, failed_objectives, run, search_objectives
-from cna.run_folder import record_failure
+from cna.pipeline import failed_objectives, run, search_objectives
+from cna.run_folder import config_sha256, record_failure
 
 log = logging.getLogger("launch")
 

@@ -59,6 +59,7 @@ from cna.run_folder import (
     CIRCUIT,
     RESULTS,
     append_generations,
+    config_sha256,
     keep_finished_generations,
     previous_results,
     write_json_atomic,
@@ -374,14 +375,6 @@ def failed_objectives(search: DictConfig) -> list[float]:
 
 
 # --- the job ----------------------------------------------------------------------------------------------------
-
-def config_sha256(cfg: DictConfig) -> str:
-    """What makes two jobs the same: the resolved config less bookkeeping keys."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("resume", "logger", "hydra"):
-        settings.pop(key, None)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
 
 @contextmanager
 def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:

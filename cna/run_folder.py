@@ -8,6 +8,7 @@ killed at any moment can be resumed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,12 +17,27 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
 from cna.errors import CnaError
 
 log = logging.getLogger(__name__)
 
 RESULTS, CIRCUIT, GENERATIONS = "results.json", "circuit.json", "generations.jsonl"
 OVERRIDES = Path(".hydra") / "overrides.yaml"  # a Hydra job's command-line overrides
+
+# The fields scripts, reports and sweeps read (DESIGN.md's contract); jobs add more (CIs, per-set rates, judge).
+RESULTS_FIELDS = ("model", "method", "status", "points", "timings_s")
+POINT_FIELDS = ("alpha", "multiplier", "refusal_rate", "refusal_ci95", "quality", "degenerate_rate", "mmlu_accuracy",
+                "kl_divergence", "over_refusal_rate", "n_prompts")
+
+
+def config_sha256(cfg: DictConfig) -> str:
+    """What makes two jobs the same (and a run folder resumable): the resolved config less bookkeeping keys."""
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("resume", "logger", "hydra"):
+        settings.pop(key, None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def save_atomically(path: str | Path, save: Callable[[Path], object]) -> Path:
@@ -152,7 +168,8 @@ def append_generations(run_dir: Path, records: list[dict]) -> None:
 def record_failure(run_dir: Path, *, model: str, method: str, config_sha256: str | None, error: str) -> dict:
     """Mark the job failed in results.json with its one-line reason, keeping any points it finished."""
     results = (config_sha256 and previous_results(run_dir, config_sha256)) or {
-        "model": model, "method": method, "config_sha256": config_sha256, "points": [], "timings_s": {}}
+        "model": model, "method": method, "status": "failed", "config_sha256": config_sha256, "points": [],
+        "timings_s": {}}
     results.update(status="failed", error=error)
     write_json_atomic(Path(run_dir) / RESULTS, results)
     return results

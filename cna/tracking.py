@@ -40,6 +40,8 @@ from urllib.parse import urlsplit
 
 from omegaconf import DictConfig, OmegaConf
 
+from cna.run_folder import read_json
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -170,7 +172,7 @@ class WandbTracker(Tracker):
             return
         with self._guard("logging the circuit"):
             path = Path(path)
-            content = json.loads(path.read_text(encoding="utf-8"))
+            content = read_json(path)
             metadata = {k: v for k, v in content.items()  # the neurons are in the file; metadata stays small
                         if k != "neurons" and (not isinstance(v, list) or len(v) <= 64)}
             artifact = self._wandb.Artifact(

@@ -8,12 +8,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cna.pipeline import INFEASIBLE, run, search_objectives
-from cna.run_folder import CIRCUIT, GENERATIONS, RESULTS
+from cna.run_folder import CIRCUIT, GENERATIONS, POINT_FIELDS, RESULTS, RESULTS_FIELDS
 from conftest import data_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-POINT_KEYS = {"alpha", "multiplier", "refusal_rate", "refusal_ci95", "quality", "degenerate_rate", "mmlu_accuracy",
-              "kl_divergence", "over_refusal_rate", "n_prompts"}
 
 
 def small_job(tiny_folder: Path, cache: Path, *overrides: str):
@@ -35,11 +33,11 @@ def test_a_job_writes_the_output_contract(tiny_folder, tmp_path, method):
     cfg = small_job(tiny_folder, tmp_path / "cache", f"method={method}", *neurons)
     results = run(cfg, tmp_path / "run")
     saved = json.loads((tmp_path / "run" / RESULTS).read_text())
-    assert saved == results and saved["status"] == "complete"
+    assert saved == results and saved["status"] == "complete" and set(saved) >= set(RESULTS_FIELDS)
     assert saved["model"] == "tiny-random" and saved["method"] == method
     assert [p["alpha"] for p in saved["points"]] == [0.0, 1.0]
     for point in saved["points"]:
-        assert set(point) >= POINT_KEYS and point["n_prompts"] == 4
+        assert set(point) >= set(POINT_FIELDS) and point["n_prompts"] == 4
         assert point["mmlu_accuracy"] is not None and point["kl_divergence"] is not None
         assert set(point["over_refusal"]) == {"jbb_benign", "xstest_safe"}
     assert saved["points"][0]["kl_divergence"] == 0.0  # alpha = 0 is the unsteered model
