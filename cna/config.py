@@ -8,8 +8,10 @@ than its dataset) happen when the pipeline reads the data, also before the model
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cna.discovery import POSITIONS, SIGNS, resolve_layer_range
@@ -21,6 +23,7 @@ from cna.models import (
     DTYPES,
     MODEL_CACHE_ENV,
     QUANTIZATIONS,
+    ModelSpec,
     local_config,
     model_cache,
     quantization_unavailable,
@@ -30,6 +33,20 @@ from cna.models import (
 from cna.tracking import server_reachable
 
 HUB_ENDPOINT_ENV, DEFAULT_HUB_ENDPOINT = "HF_ENDPOINT", "https://huggingface.co"
+
+
+@dataclass
+class ModelConfig(ModelSpec):
+    """A conf/model/*.yaml file: how to load the model (ModelSpec's keys, typed) and how to present prompts to it.
+
+    Each file lists `_schema` first in its defaults and sets only what differs; Hydra rejects an unknown key
+    or a value of the wrong type when it composes the config.
+    """
+
+    template: str = "chat"  # chat: the tokenizer's chat template; raw: the text as it is (base models)
+
+
+ConfigStore.instance().store(group="model", name="_schema", node=ModelConfig)
 
 METHODS = ("cna", "caa", "direction", "random")
 NEURON_METHODS = ("cna", "random")
@@ -139,6 +156,10 @@ def validate_judge(cfg: DictConfig) -> None:
 
 def _validate_model(cfg: DictConfig) -> None:
     model = cfg.model
+    known = [field.name for field in fields(ModelConfig)]
+    for key in model:
+        if key not in known:  # `+model.KEY=...` gets past the schema
+            raise ConfigError(f"model.{key}: unknown key; a model config has {', '.join(known)}")
     _choice(cfg, "model.dtype", ("auto", *DTYPES))
     _choice(cfg, "model.template", ("chat", "raw"))
     if model.quantization is not None:

@@ -171,3 +171,14 @@ def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN
+
+
+def test_model_keys_are_typed_by_the_schema_from_model_spec(model_stub):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as error:
+        composed("model=smollm2_135m", "model.trust_remote_code=maybe")
+    assert "Value 'maybe' is not a valid bool" in f"{error.value} {error.value.__cause__}"
+    assert composed("model=smollm2_135m").model.trust_remote_code is False  # the schema's default
+    with pytest.raises(ConfigError, match=r"^model.colour: unknown key; a model config has name, local_name,"):
+        validate_with(composed("model=smollm2_135m", "+model.colour=red"), model_stub)
