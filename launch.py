@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> list[float] | None:
     except Exception as error:
         if not (multirun or isinstance(error, CnaError)):
             raise  # a bug, not bad input: the traceback is the report
-        reason = str(error).splitlines()[0] if isinstance(error, CnaError) else f"{type(error).__name__}: {error}"
+        first_line = next(iter(str(error).splitlines()), "")
+        reason = first_line if isinstance(error, CnaError) else f"{type(error).__name__}: {first_line}"
         print(f"error: {reason}", file=sys.stderr)
         if not multirun:
             sys.exit(2)

@@ -40,7 +40,7 @@ class ModelConfig(ModelSpec):
     """A conf/model/*.yaml file: how to load the model (ModelSpec's keys, typed) and how to present prompts to it.
 
     Each file lists `_schema` first in its defaults and sets only what differs; Hydra rejects an unknown key
-    or a value of the wrong type when it composes the config.
+    or a value of the wrong type when it composes the config (`validate` catches one added with +model.KEY).
     """
 
     template: str = "chat"  # chat: the tokenizer's chat template; raw: the text as it is (base models)

@@ -170,7 +170,7 @@ def _residual_writers(model: nn.Module, adapter: ArchitectureAdapter) -> list[tu
     writers = [(module, False) for module in embeddings]
     for blocks in adapter.block_outputs:
         for block in blocks:
-            if not (isinstance(block, nn.Linear) or adapter.family.conv1d and hasattr(block, "nf")):
+            if not (isinstance(block, nn.Linear) or (adapter.family.conv1d and hasattr(block, "nf"))):
                 raise CnaError(f"cannot orthogonalise {adapter.model_type} weights: its blocks write through "
                                f"{type(block).__name__}, not a linear map; steer with DirectionAblation's hooks")
             writers.append((block, adapter.family.conv1d))

@@ -1,9 +1,9 @@
 """The run folder contract: its file names, atomic writes, resume, and recording a failed job.
 
 A job writes `circuit.json`, then after every strength point `results.json` (rewritten atomically) and the
-point's lines of `generations.jsonl`; the fields of each are listed in ../shared/DESIGN.md ("Output
-contract"). Every writer here leaves the old file or the new one on disk, never half of one, so a job
-killed at any moment can be resumed.
+point's lines of `generations.jsonl`; the fields of each are listed in DESIGN.md ("Output contract"). Every
+writer here leaves the old file or the new one on disk, never half of one, so a job killed at any moment
+can be resumed.
 """
 
 from __future__ import annotations
@@ -16,10 +16,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from cna.errors import CnaError
+
+if TYPE_CHECKING:
+    from cna.circuit import Circuit
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,7 @@ def read_overrides(run_dir: Path) -> list[str]:
     return [str(item) for item in items] if isinstance(items, list) else []
 
 
-def read_circuit(run_dir: Path):
+def read_circuit(run_dir: Path) -> Circuit | dict | None:
     """The folder's circuit.json: a Circuit (neuron methods), the file's object (residual directions),
     or None when it is absent or unreadable."""
     from cna.circuit import Circuit  # cna.circuit writes through this module
