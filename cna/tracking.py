@@ -365,7 +365,8 @@ def api_key_available(url: str | None = None) -> bool:
 
 
 def server_reachable(url: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the W&B server (or the HTTPS proxy in front of it) opens within `timeout`."""
+    """Whether a TCP connection to `url` (default: the W&B server), or the HTTPS proxy in front of it, opens
+    within `timeout`; the config checks also ask it about the model hub."""
     parts = urlsplit(url or base_url())
     if not parts.hostname:
         return False
