@@ -54,6 +54,7 @@ from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
 from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector
 from cna.models import LoadedModel, ModelSpec, activation_identity, load_model
+from cna.prefix import LayerPrefixReuse, prefix_reuse
 from cna.report import run_plots
 from cna.tracking import Tracker, make_tracker
 
@@ -239,9 +240,11 @@ class Evaluator:
     """Everything measured at one strength, under whatever intervention is active."""
 
     def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData,
-                 cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda compute: compute()):
-        """`cached` wraps the unsteered KL reference computation (e.g. with the baseline cache)."""
-        self.cfg, self.lm, self.data = cfg, lm, data
+                 cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda compute: compute(),
+                 reuse: LayerPrefixReuse | None = None):
+        """`cached` wraps the unsteered KL reference computation (e.g. with the baseline cache); with `reuse`,
+        MMLU and KL run the layers below the intervention's lowest one once per prompt set."""
+        self.cfg, self.lm, self.data, self.reuse = cfg, lm, data, reuse
         tokenizer = lm.tokenizer
         self.encode = lambda prompts: encode_prompts(tokenizer, prompts, cfg.model.template)
         self.greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(lm.model, tokenizer),
@@ -275,7 +278,7 @@ class Evaluator:
 
     def _kl_logprobs(self):
         return next_token_logprobs(self.lm.model, self.kl_prompts, pad_token_id=self.lm.tokenizer.pad_token_id,
-                                   batch_size=self.cfg.batch_size, desc="kl")
+                                   batch_size=self.cfg.batch_size, desc="kl", reuse=self.reuse)
 
     def _responses(self, prompts: list[str], desc: str) -> list[str]:
         tokens = generate(self.lm.model, self.encode(prompts), desc=desc, **self.greedy)
@@ -323,7 +326,7 @@ class Evaluator:
             records += set_records
         with _timed(timings, "mmlu"):
             mmlu = evaluate_mmlu(self.lm.model, self.lm.tokenizer, self.data.mmlu, k_shot=self.cfg.eval.mmlu.k_shot,
-                                 batch_size=self.cfg.batch_size) if self.data.mmlu else None
+                                 batch_size=self.cfg.batch_size, reuse=self.reuse) if self.data.mmlu else None
         point.update(mmlu_accuracy=mmlu.accuracy if mmlu else None, mmlu_ci95=list(mmlu.ci95) if mmlu else None)
         with _timed(timings, "kl"):
             kl = kl_divergence(self._kl_logprobs(), self.unsteered_logprobs) if self.kl_prompts else None
@@ -445,7 +448,9 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
         tracker.log_generations(finished_records)
         unsteered = baseline_key(cfg, lm, data)
         with _timed(timings, "kl_reference"):
-            evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute))
+            reuse = prefix_reuse(lm.adapter, intervention, memory_mib=cfg.prefix_reuse_mib,
+                                 disk_mib=cfg.prefix_reuse_disk_mib)
+            evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute), reuse)
         if evaluator.judge_description:
             results["judge"] = evaluator.judge_description
         for alpha, multiplier in strength_points(cfg):
@@ -473,6 +478,8 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
             tracker.log_point(point)
             tracker.log_generations(records)
             log.info("alpha %g: refusal %s, quality %s", alpha, point["refusal_rate"], point["quality"])
+        if reuse is not None:
+            results["prefix_reuse"] = {"layer": reuse.layer, "recorded_batches": reuse.recorded_batches}
         results["status"] = "complete"
         write_json_atomic(run_dir / RESULTS, results)
         tracker.log_images(_plots(run_dir))
