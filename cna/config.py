@@ -74,7 +74,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("prefix_reuse_mib", "prefix_reuse_disk_mib"):
         _count(cfg, key, allow_none=False)
     _choice(cfg, "logger.name", ("wandb", "none"))
-    _choice(cfg, "reuse_baseline", (True, False))
+    for key in ("reuse_baseline", "refill_generation", "bake_steering"):
+        _choice(cfg, key, (True, False))
     _validate_search(cfg)
     validate_judge(cfg)
 

@@ -52,8 +52,8 @@ from cna.evaluation.refusal import REFUSAL_PHRASES, KeywordRefusalClassifier, re
 from cna.evaluation.responses import evaluate_responses
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
-from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector
-from cna.models import LoadedModel, ModelSpec, activation_identity, load_model
+from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector, baked_weights
+from cna.models import LoadedModel, ModelSpec, activation_identity, is_offloaded, is_quantized_module, load_model
 from cna.prefix import LayerPrefixReuse, prefix_reuse
 from cna.report import run_plots
 from cna.tracking import Tracker, make_tracker
@@ -227,8 +227,14 @@ def strength_points(cfg: DictConfig) -> list[tuple[float, float | None]]:
 
 
 @contextmanager
-def _steered(intervention: Intervention, alpha: float, multiplier: float | None):
-    if multiplier is not None and isinstance(intervention, NeuronScale):
+def _steered(intervention: Intervention, alpha: float, multiplier: float | None, bake: bool = False):
+    """The model steered at this point: by hooks, or with `bake` (CNA in scale mode at every position) by the
+    circuit's multipliers written into its weights, restored on leaving."""
+    if bake and bakeable(intervention):
+        m = 1.0 - alpha if multiplier is None else multiplier
+        with baked_weights(intervention.adapter, intervention.circuit, m):
+            yield
+    elif multiplier is not None and isinstance(intervention, NeuronScale):
         with intervention.multiply(multiplier):
             yield
     else:
@@ -248,7 +254,8 @@ class Evaluator:
         tokenizer = lm.tokenizer
         self.encode = lambda prompts: encode_prompts(tokenizer, prompts, cfg.model.template)
         self.greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(lm.model, tokenizer),
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                           refill=cfg.refill_generation)
         self.classifier = KeywordRefusalClassifier(window=cfg.eval.classifier_window)
         self.kl_prompts = self.encode(data.kl) if data.kl else []
         self.unsteered_logprobs = cached(self._kl_logprobs) if data.kl else None
@@ -348,6 +355,12 @@ def search_objectives(results: dict, search: DictConfig) -> list[float]:
     if shortfall > 0:
         values = [value + INFEASIBLE * (1 + shortfall) for value in values]
     return values
+
+
+def bakeable(intervention: Intervention) -> bool:
+    """Weights can carry it: neuron scaling toward 0 (not a mean), at every position, on full-precision layers."""
+    return (isinstance(intervention, NeuronScale) and intervention.mode == "scale" and intervention.positions == "all"
+            and not any(is_quantized_module(s) or is_offloaded(s) for s in intervention.adapter.neuron_sites))
 
 
 # --- the job ----------------------------------------------------------------------------------------------------
@@ -464,7 +477,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
                 point, point_timings = {**point, "alpha": alpha, "multiplier": multiplier, "reused": True}, {}
                 log.info("alpha 0: the unsteered point is reused from the baseline cache")
             else:
-                with _steered(intervention, alpha, multiplier):
+                with _steered(intervention, alpha, multiplier, cfg.bake_steering):
                     point, records, point_timings = evaluator.point(alpha, multiplier)
                 point_timings.update(evaluator.judge(point, records))  # unsteered
                 if key:
