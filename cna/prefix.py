@@ -48,7 +48,8 @@ def first_steered_layer(intervention: Intervention | None) -> int | None:
 
 
 class _Entering(nn.Module):
-    """Stands in for decoder layer `index` < L: layers below L-1 pass their input on, layer L-1 returns the states."""
+    """Stands in for a decoder layer below L: layer L-1's stand-in returns the recorded states, the others pass
+    their input on."""
 
     def __init__(self, states: torch.Tensor | None, as_tuple: bool):
         super().__init__()
@@ -66,7 +67,7 @@ class PromptPrefix:
     def __init__(self, owner: LayerPrefixReuse, batches: list[list[int]]):
         self.owner = owner
         self.batches = batches
-        self._states: list[torch.Tensor | Path | None] = [None] * len(batches)
+        self._states: list[torch.Tensor | tuple[Path, str] | None] = [None] * len(batches)
         self._tuple_output = False
 
     @property
@@ -81,7 +82,7 @@ class PromptPrefix:
             with self._recording(index):
                 yield
             return
-        states = load_file(str(state))["states"] if isinstance(state, Path) else state
+        states = load_file(str(state[0]), device=state[1])["states"] if isinstance(state, tuple) else state
         with self.owner.skipping(states, self._tuple_output):
             yield
 
@@ -125,7 +126,8 @@ class LayerPrefixReuse:
     def recorded_batches(self) -> int:
         return sum(prefix.recorded for prefix in self._prefixes.values())
 
-    def store(self, states: torch.Tensor) -> torch.Tensor | Path | None:
+    def store(self, states: torch.Tensor) -> torch.Tensor | tuple[Path, str] | None:
+        """The states kept in memory, or a file and the device to load them to, or None where neither has room."""
         size = states.numel() * states.element_size()
         if size <= self.memory_left:
             self.memory_left -= size
@@ -136,7 +138,7 @@ class LayerPrefixReuse:
                 self._folder = tempfile.TemporaryDirectory(prefix="cna-prefix-")
             path = Path(self._folder.name) / f"{len(list(Path(self._folder.name).iterdir()))}.safetensors"
             save_file({"states": states.contiguous()}, str(path))
-            return path
+            return path, str(states.device)
         log.info("prefix states of %.0f MiB fit neither memory nor disk budget: full forward for that batch",
                  size / MIB)
         return None
