@@ -102,8 +102,11 @@ def validate(cfg: DictConfig) -> None:
     _count(cfg, "batch_size", allow_none=False, minimum=1)
     _count(cfg, "discovery_batch_tokens", minimum=1)
     _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
+    for key in ("prefix_reuse_mib", "prefix_reuse_disk_mib"):
+        _count(cfg, key, allow_none=False)
     _choice(cfg, "logger.name", ("wandb", "none"))
-    _choice(cfg, "reuse_baseline", (True, False))
+    for key in ("reuse_baseline", "refill_generation", "bake_steering"):
+        _choice(cfg, key, (True, False))
     _validate_search(cfg)
     validate_judge(cfg)
     _validate_model(cfg)  # last: it may probe the network when the model is not on this machine

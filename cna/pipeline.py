@@ -52,8 +52,9 @@ from cna.evaluation.refusal import REFUSAL_PHRASES, KeywordRefusalClassifier, re
 from cna.evaluation.responses import evaluate_responses
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
-from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector
-from cna.models import LoadedModel, ModelSpec, activation_identity, load_model
+from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector, baked_weights
+from cna.models import LoadedModel, ModelSpec, activation_identity, is_offloaded, is_quantized_module, load_model
+from cna.prefix import LayerPrefixReuse, prefix_reuse
 from cna.report import run_plots
 from cna.run_folder import (
     CIRCUIT,
@@ -247,8 +248,14 @@ def strength_points(cfg: DictConfig) -> list[tuple[float, float | None]]:
 
 
 @contextmanager
-def _steered(intervention: Intervention, alpha: float, multiplier: float | None):
-    if multiplier is not None and isinstance(intervention, NeuronScale):
+def _steered(intervention: Intervention, alpha: float, multiplier: float | None, bake: bool = False):
+    """The model steered at this point: by hooks, or with `bake` (CNA in scale mode at every position) by the
+    circuit's multipliers written into its weights, restored on leaving."""
+    if bake and bakeable(intervention):
+        m = 1.0 - alpha if multiplier is None else multiplier
+        with baked_weights(intervention.adapter, intervention.circuit, m):
+            yield
+    elif multiplier is not None and isinstance(intervention, NeuronScale):
         with intervention.multiply(multiplier):
             yield
     else:
@@ -260,13 +267,16 @@ class Evaluator:
     """Everything measured at one strength, under whatever intervention is active."""
 
     def __init__(self, cfg: DictConfig, lm: LoadedModel, data: JobData,
-                 cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda compute: compute()):
-        """`cached` wraps the unsteered KL reference computation (e.g. with the baseline cache)."""
-        self.cfg, self.lm, self.data = cfg, lm, data
+                 cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor] = lambda compute: compute(),
+                 reuse: LayerPrefixReuse | None = None):
+        """`cached` wraps the unsteered KL reference computation (e.g. with the baseline cache); with `reuse`,
+        MMLU and KL run the layers below the intervention's lowest one once per prompt set."""
+        self.cfg, self.lm, self.data, self.reuse = cfg, lm, data, reuse
         tokenizer = lm.tokenizer
         self.encode = lambda prompts: encode_prompts(tokenizer, prompts, cfg.model.template)
         self.greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(lm.model, tokenizer),
-                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                           refill=cfg.refill_generation)
         self.classifier = KeywordRefusalClassifier(window=cfg.eval.classifier_window)
         self.kl_prompts = self.encode(data.kl) if data.kl else []
         self.unsteered_logprobs = cached(self._kl_logprobs) if data.kl else None
@@ -296,7 +306,7 @@ class Evaluator:
 
     def _kl_logprobs(self):
         return next_token_logprobs(self.lm.model, self.kl_prompts, pad_token_id=self.lm.tokenizer.pad_token_id,
-                                   batch_size=self.cfg.batch_size, desc="kl")
+                                   batch_size=self.cfg.batch_size, desc="kl", reuse=self.reuse)
 
     def _responses(self, prompts: list[str], desc: str) -> list[str]:
         tokens = generate(self.lm.model, self.encode(prompts), desc=desc, **self.greedy)
@@ -344,11 +354,15 @@ class Evaluator:
             records += set_records
         with _timed(timings, "mmlu"):
             mmlu = evaluate_mmlu(self.lm.model, self.lm.tokenizer, self.data.mmlu, k_shot=self.cfg.eval.mmlu.k_shot,
-                                 batch_size=self.cfg.batch_size) if self.data.mmlu else None
+                                 batch_size=self.cfg.batch_size, reuse=self.reuse) if self.data.mmlu else None
         point.update(mmlu_accuracy=mmlu.accuracy if mmlu else None, mmlu_ci95=list(mmlu.ci95) if mmlu else None)
         with _timed(timings, "kl"):
-            kl = (kl_divergence(self._kl_logprobs(), self.unsteered_logprobs, self.cfg.eval.kl.direction)
-                  if self.kl_prompts else None)
+            if not self.kl_prompts:
+                kl = None
+            elif alpha == 0.0:  # the unsteered model itself (alpha 0 is bit-identical): no forward needed
+                kl = 0.0
+            else:
+                kl = kl_divergence(self._kl_logprobs(), self.unsteered_logprobs, self.cfg.eval.kl.direction)
         point["kl_divergence"] = kl
         return point, records, timings
 
@@ -372,6 +386,12 @@ def search_objectives(results: dict, search: DictConfig) -> list[float]:
 def failed_objectives(search: DictConfig) -> list[float]:
     """What a trial that failed scores: worse than any trial that ran, penalised or not."""
     return [3 * INFEASIBLE] * len(search.objectives)
+
+
+def bakeable(intervention: Intervention) -> bool:
+    """Weights can carry it: neuron scaling toward 0 (not a mean), at every position, on full-precision layers."""
+    return (isinstance(intervention, NeuronScale) and intervention.mode == "scale" and intervention.positions == "all"
+            and not any(is_quantized_module(s) or is_offloaded(s) for s in intervention.adapter.neuron_sites))
 
 
 # --- the job ----------------------------------------------------------------------------------------------------
@@ -444,7 +464,9 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
         tracker.log_generations(finished_records)
         unsteered = baseline_key(cfg, lm, data)
         with _timed(timings, "kl_reference"):
-            evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute))
+            reuse = prefix_reuse(lm.adapter, intervention, memory_mib=cfg.prefix_reuse_mib,
+                                 disk_mib=cfg.prefix_reuse_disk_mib)
+            evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute), reuse)
         if evaluator.judge_description:
             results["judge"] = evaluator.judge_description
         for alpha, multiplier in strength_points(cfg):
@@ -458,7 +480,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
                 point, point_timings = {**point, "alpha": alpha, "multiplier": multiplier, "reused": True}, {}
                 log.info("alpha 0: the unsteered point is reused from the baseline cache")
             else:
-                with _steered(intervention, alpha, multiplier):
+                with _steered(intervention, alpha, multiplier, cfg.bake_steering):
                     point, records, point_timings = evaluator.point(alpha, multiplier)
                 point_timings.update(evaluator.judge(point, records))  # unsteered
                 if key:
@@ -471,6 +493,8 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
             tracker.log_point(point)
             tracker.log_generations(records)
             log.info("alpha %g: refusal %s, quality %s", alpha, point["refusal_rate"], point["quality"])
+        if reuse is not None:
+            results["prefix_reuse"] = {"layer": reuse.layer, "recorded_batches": reuse.recorded_batches}
         results["status"] = "complete"
         write_json_atomic(run_dir / RESULTS, results)
         tracker.log_images(_plots(run_dir))

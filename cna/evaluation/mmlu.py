@@ -14,6 +14,7 @@ from pathlib import Path
 from cna.errors import ConfigError
 from cna.evaluation.intervals import wilson_interval
 from cna.evaluation.scoring import next_token_logprobs
+from cna.prefix import LayerPrefixReuse
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -101,6 +102,7 @@ def evaluate_mmlu(
     k_shot: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    reuse: LayerPrefixReuse | None = None,
 ) -> MmluResult:
     """Accuracy of the arg-max letter; k-shot examples are the first k dev questions of the same subject."""
     dev_by_subject: dict[str, list[MmluQuestion]] = defaultdict(list)
@@ -112,7 +114,7 @@ def evaluate_mmlu(
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
     logprobs = next_token_logprobs(model, encoded, pad_token_id=tokenizer.pad_token_id,
                                    token_ids=letter_token_ids(tokenizer), batch_size=batch_size, progress=progress,
-                                   desc="mmlu")
+                                   desc="mmlu", reuse=reuse)
     predictions = logprobs.argmax(-1).tolist()
     correct = [p == q.answer for p, q in zip(predictions, questions, strict=True)]
     per_subject: dict[str, list[bool]] = defaultdict(list)

@@ -1,0 +1,139 @@
+"""Layer-prefix reuse: logits from layers L.. on recorded states equal a full forward's, bit for bit in float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cna.circuit import Circuit, Neuron, ResidualDirection
+from cna.evaluation.scoring import next_token_logprobs
+from cna.hooks import Hook, attached, hook_count
+from cna.interventions import DirectionAblation, NeuronScale, SteeringVector
+from cna.models import ArchitectureAdapter
+from cna.prefix import LayerPrefixReuse, first_steered_layer, prefix_reuse
+from tests.conftest import random_prompts, tiny_model
+
+FAMILIES = ["llama", "qwen2", "gemma", "gemma3_text", "phi3", "olmo2", "phi", "gpt2", "gptj", "gpt_neox", "opt"]
+ALPHAS = (0.5, 1.0, 0.0, 0.25)  # the first call records the prefix, the others run layers L.. only
+
+
+def interventions(adapter: ArchitectureAdapter, lowest: int) -> dict:
+    """Every intervention with a lowest layer, acting from layer `lowest` up."""
+    width, top = adapter.neurons_per_layer, adapter.n_layers
+    neurons = [Neuron(layer, j, 1.0, 0.5, 0.3 * (j % 3)) for layer in range(lowest, top) for j in range(1, width, 5)]
+    circuit = Circuit("tiny", "cna", neurons, top, width)
+    vector = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(3)).tolist()
+    direction = ResidualDirection("tiny", "caa", source_layer=lowest, layers=[lowest], vector=vector, n_layers=top)
+    return {
+        "cna scale": NeuronScale(adapter, circuit),
+        "cna mean": NeuronScale(adapter, circuit, mode="mean"),
+        "cna prompt positions": NeuronScale(adapter, circuit, positions="prompt"),
+        "caa": SteeringVector(adapter, direction, scale=4.0),
+    }
+
+
+def layer_calls(adapter: ArchitectureAdapter, layer: int) -> tuple[list, Hook]:
+    calls: list = []
+    return calls, Hook(adapter.layers[layer], lambda *_: calls.append(1), pre=True)
+
+
+def assert_reuse_is_exact(model, adapter: ArchitectureAdapter, prompts, lowest: int, batch_size: int = 4,
+                          alphas: tuple[float, ...] = ALPHAS) -> None:
+    for name, intervention in interventions(adapter, lowest).items():
+        assert first_steered_layer(intervention) == lowest
+        reuse = LayerPrefixReuse(adapter, lowest)
+        for alpha in alphas:
+            with intervention.steer(alpha):
+                full = next_token_logprobs(model, prompts, pad_token_id=0, batch_size=batch_size, progress=False)
+                skipped, counter = layer_calls(adapter, 0)
+                with attached([counter]):
+                    reused = next_token_logprobs(model, prompts, pad_token_id=0, batch_size=batch_size,
+                                                 progress=False, reuse=reuse)
+            assert torch.equal(reused, full), f"{name} alpha {alpha}: reused logits differ from the full forward"
+            first_call = alpha == alphas[0]
+            assert bool(skipped) == first_call, f"{name} alpha {alpha}: layer 0 ran {len(skipped)} times"
+        assert hook_count(model) == 0
+        assert list(adapter.model.get_submodule(adapter.family.layers)) == adapter.layers  # real layers are back
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_reused_prefix_gives_the_full_forwards_logits(model_type):
+    model = tiny_model(model_type, **({"n_layer": 4} if model_type in ("gpt2", "gptj") else {"num_hidden_layers": 4}))
+    adapter = ArchitectureAdapter(model)
+    prompts = random_prompts(10, seed=4)  # lengths 5-23: left padding in every batch
+    assert_reuse_is_exact(model, adapter, prompts, lowest=2)
+
+
+def test_lowest_layers_1_and_last_and_one_row_batches():
+    model = tiny_model("llama", num_hidden_layers=4)
+    adapter = ArchitectureAdapter(model)
+    prompts = random_prompts(5, seed=5)
+    for lowest in (1, 3):
+        assert_reuse_is_exact(model, adapter, prompts, lowest, batch_size=1)
+
+
+def test_directional_ablation_and_layer_0_get_no_reuse():
+    model = tiny_model("llama", num_hidden_layers=4)
+    adapter = ArchitectureAdapter(model)
+    vector = [1.0] * adapter.hidden_size
+    ablation = DirectionAblation(adapter, ResidualDirection("tiny", "direction", 0, list(range(4)), vector, 4))
+    assert first_steered_layer(ablation) is None
+    assert prefix_reuse(adapter, ablation, memory_mib=64, disk_mib=64) is None
+    at_zero = interventions(adapter, 0)["cna scale"]
+    assert prefix_reuse(adapter, at_zero, memory_mib=64, disk_mib=64) is None
+    assert prefix_reuse(adapter, interventions(adapter, 2)["caa"], memory_mib=64, disk_mib=64).layer == 2
+    assert prefix_reuse(adapter, interventions(adapter, 2)["caa"], memory_mib=0, disk_mib=0) is None
+
+
+def test_states_beyond_memory_go_to_disk_then_to_the_full_forward():
+    model = tiny_model("llama", num_hidden_layers=4)
+    adapter = ArchitectureAdapter(model)
+    prompts = random_prompts(12, seed=6)
+    intervention = interventions(adapter, 2)["cna scale"]
+    longest = max(len(p) for p in prompts)
+    one_batch_mib = 4 * longest * adapter.hidden_size * 4 / 2**20  # the first batch: 4 rows x longest x float32
+    for memory, disk, kept in ((one_batch_mib, 0, 1), (0, one_batch_mib, 1), (0, 0, 0)):
+        reuse = LayerPrefixReuse(adapter, 2, memory_mib=memory, disk_mib=disk)
+        results = []
+        for alpha in (1.0, 1.0, 0.5):
+            with intervention.steer(alpha):
+                results.append(next_token_logprobs(model, prompts, pad_token_id=0, batch_size=4, progress=False,
+                                                   reuse=reuse))
+                if alpha == 0.5:
+                    full = next_token_logprobs(model, prompts, pad_token_id=0, batch_size=4, progress=False)
+        assert reuse.recorded_batches == kept, (memory, disk)
+        assert torch.equal(results[0], results[1]) and torch.equal(results[2], full)
+        reuse.close()
+
+
+
+def test_a_job_with_prefix_reuse_measures_what_one_without_does(tiny_folder, tmp_path):
+    from test_pipeline import small_job
+
+    from cna.pipeline import run
+
+    settings = ["method.k=4", "method.layers=[0.5,1.0]", "reuse_baseline=false", "alphas=[0.0,0.5,1.0]",
+                "eval.mmlu.n=9", "eval.refusal.n=0", "eval.over_refusal.jbb_benign.n=0",
+                "eval.over_refusal.xstest_safe.n=0"]
+    reused = run(small_job(tiny_folder, tmp_path / "cache", *settings), tmp_path / "reused")
+    full = run(small_job(tiny_folder, tmp_path / "cache", *settings, "prefix_reuse_mib=0",
+                         "prefix_reuse_disk_mib=0"), tmp_path / "full")
+    assert reused["points"] == full["points"]
+    assert reused["points"][2]["kl_divergence"] > 0
+    assert "prefix_reuse" not in full
+    assert reused["prefix_reuse"]["layer"] >= 1 and reused["prefix_reuse"]["recorded_batches"] == 3 + 1  # 9 + 3
+
+
+@pytest.mark.integration
+def test_reuse_is_exact_on_smollm2(smollm2_folder):
+    from cna.data import encode_prompts
+    from cna.models import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(name="HuggingFaceTB/SmolLM2-135M-Instruct", path=str(smollm2_folder)))
+    assert loaded.model.dtype == torch.float32
+    questions = ["What is the capital of France?", "How do I pick a lock?", "Write a poem about the sea.",
+                 "The following are multiple choice questions (with answers) about astronomy.\n\nWhich planet is "
+                 "largest?\nA. Mars\nB. Jupiter\nC. Venus\nD. Earth\nAnswer:", "Explain photosynthesis briefly.",
+                 "Name three prime numbers."]
+    prompts = encode_prompts(loaded.tokenizer, questions)
+    assert_reuse_is_exact(loaded.model, loaded.adapter, prompts, 21, batch_size=4, alphas=(1.0, 0.5))
