@@ -22,6 +22,7 @@ class Neuron:
     delta: float  # mean over positive prompts - mean over negative prompts
     positive_mean: float
     negative_mean: float
+    score: float | None = None  # the value it was ranked by (delta for the paper's score); None in older files
 
     @property
     def key(self) -> tuple[int, int]:
@@ -39,6 +40,7 @@ class Circuit:
     universal_removed: int = 0  # universal neurons displaced from the circuit (and refilled)
     prompts: dict = field(default_factory=dict)  # {"positive": n, "negative": n, "sha256": str}
     settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
+    score: str = "delta"  # what neurons were ranked by: delta (the paper), projection, attribution, target
 
     @property
     def k(self) -> int:
@@ -61,6 +63,7 @@ class Circuit:
         return {
             "model": self.model,
             "method": self.method,
+            "score": self.score,
             "k": self.k,
             "k_fraction": self.k_fraction,
             "neurons": [asdict(neuron) for neuron in self.neurons],
@@ -84,6 +87,7 @@ class Circuit:
             universal_removed=data.get("universal_removed", 0),
             prompts=data.get("prompts", {}),
             settings=data.get("settings", {}),
+            score=data.get("score", "delta"),
         )
 
     def save(self, path: str | Path) -> Path:
