@@ -102,8 +102,6 @@ def collect_gradients(
     if not prompts:
         raise ConfigError(f"{desc}: the prompt set is empty")
     n_layers, width = adapter.n_layers, adapter.neurons_per_layer
-    activation_gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
-    gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
     last: dict[str, torch.Tensor] = {}
     values: list[torch.Tensor | None] = [None] * n_layers
     perturbations: list[torch.Tensor | None] = [None] * n_layers
@@ -121,7 +119,10 @@ def collect_gradients(
     hooks = [map_input(site, open_site(layer)) for layer, site in enumerate(adapter.neuron_sites)]
     device = adapter.input_device
     batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
-    with frozen_parameters(adapter.model), attached(hooks), torch.enable_grad():
+    # Gradients even when called under inference_mode (which enable_grad alone does not undo) or no_grad.
+    with frozen_parameters(adapter.model), attached(hooks), torch.inference_mode(False), torch.enable_grad():
+        activation_gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)  # not inference tensors
+        gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             # Left padding puts every prompt's last token in the final column: one logit row each.
             ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, "left")

@@ -137,8 +137,10 @@ def test_the_gradient_pass_leaves_the_model_exactly_as_it_was():
     adapter = ArchitectureAdapter(model)
     model.model.layers[1].mlp.up_proj.weight.requires_grad_(True)  # a caller's flag, to be given back
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    collect_gradients(adapter, random_prompts(5, seed=8), refusal_log_odds([REFUSAL_TOKEN]), pad_token_id=0,
-                      batch_size=2, progress=False)
+    with torch.inference_mode():  # a caller's mode must not switch the gradients off
+        gradients = collect_gradients(adapter, random_prompts(5, seed=8), refusal_log_odds([REFUSAL_TOKEN]),
+                                      pad_token_id=0, batch_size=2, progress=False)
+    assert gradients.gradient_sum.abs().sum() > 0
     assert hook_count(model) == 0 and not model.training
     assert all(p.grad is None for p in model.parameters())
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model.layers.1.mlp.up_proj.weight"]
