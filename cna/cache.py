@@ -4,7 +4,8 @@
   passes once. The key covers everything the statistics depend on: the model (where it was loaded from,
   revision, dtype, quantisation settings, attention implementation, device type:
   `cna.models.activation_identity`), its family's neuron site, the exact token ids of the prompt set (so
-  template and tokenizer changes miss), the token-position policy and the universal filter's top fraction.
+  template and tokenizer changes miss), the token-position policy and the universal filter's top fraction;
+  gradient statistics (`cna.attribution`) also key on their score and metric, activation statistics on none.
 - `BaselineCache`: the unsteered evaluation point (alpha = 0, m = 1) with its generation records, and the
   unsteered log-probabilities KL is measured against. They depend on the model and the evaluation, never on
   the recipe, so a multirun of N recipes computes them once.
@@ -28,9 +29,12 @@ log = logging.getLogger(__name__)
 
 
 def statistics_key(*, model: dict, site: str, prompts: Sequence[Sequence[int]], position: str,
-                   top_fraction: float | None) -> str:
+                   top_fraction: float | None, score: dict | None = None) -> str:
+    """`score`: the gradient score and its metric; None (activation statistics, any score) keeps the old keys."""
     tokens = hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()
     fields = {"model": model, "site": site, "tokens": tokens, "position": position, "top_fraction": top_fraction}
+    if score is not None:
+        fields["score"] = score
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -40,14 +44,16 @@ class StatisticsCache:
         self.hits = 0
         self.misses = 0
 
-    def get_or_compute(self, key: str, compute: Callable[[], ActivationStatistics]) -> ActivationStatistics:
+    def get_or_compute(self, key: str, compute: Callable[[], ActivationStatistics],
+                       load: Callable[[Path], ActivationStatistics] = ActivationStatistics.load):
+        """`load` reads a saved value back (GradientStatistics.load for gradient statistics)."""
         if self.folder is None:
             self.misses += 1
             return compute()
         path = self.folder / f"{key}.safetensors"
         if path.is_file():
             try:
-                statistics = ActivationStatistics.load(path)
+                statistics = load(path)
                 self.hits += 1
                 return statistics
             except Exception as error:  # noqa: BLE001 - safetensors raises its own types for a truncated file

@@ -21,6 +21,7 @@ class Neuron:
     delta: float  # mean over positive prompts - mean over negative prompts
     positive_mean: float
     negative_mean: float
+    score: float | None = None  # the value it was ranked by (delta for the paper's score); None in older files
 
     @property
     def key(self) -> tuple[int, int]:
@@ -38,6 +39,7 @@ class Circuit:
     universal_removed: int = 0  # universal neurons displaced from the circuit (and refilled)
     prompts: dict = field(default_factory=dict)  # {"positive": n, "negative": n, "sha256": str}
     settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
+    score: str = "delta"  # what neurons were ranked by: delta (the paper), projection, attribution, target
 
     @property
     def k(self) -> int:
@@ -60,6 +62,7 @@ class Circuit:
         return {
             "model": self.model,
             "method": self.method,
+            "score": self.score,
             "k": self.k,
             "k_fraction": self.k_fraction,
             "neurons": [asdict(neuron) for neuron in self.neurons],
@@ -75,7 +78,8 @@ class Circuit:
     def from_dict(cls, data: dict) -> Circuit:
         """From circuit.json; a file carrying only the contract's neuron fields (layer, index, delta) reads too."""
         neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("delta", 0.0)),
-                          float(n.get("positive_mean", 0.0)), float(n.get("negative_mean", 0.0)))
+                          float(n.get("positive_mean", 0.0)), float(n.get("negative_mean", 0.0)),
+                          None if n.get("score") is None else float(n["score"]))
                    for n in data["neurons"]]
         n_layers = data.get("n_layers")
         if n_layers is None:
@@ -84,7 +88,8 @@ class Circuit:
                    n_layers=int(n_layers), neurons_per_layer=int(data.get("neurons_per_layer", 0)),
                    k_fraction=float(data.get("k_fraction", 0.0)),
                    universal_removed=int(data.get("universal_removed", 0)),
-                   prompts=data.get("prompts", {}), settings=data.get("settings", {}))
+                   prompts=data.get("prompts", {}), settings=data.get("settings", {}),
+                   score=str(data.get("score", "delta")))
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())

@@ -14,6 +14,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cna.attribution import GRADIENT_SCORES, SCORES
 from cna.discovery import POSITIONS, SIGNS, resolve_layer_range
 from cna.errors import ConfigError
 from cna.evaluation.kl import KL_DIRECTIONS
@@ -233,12 +234,27 @@ def _validate_method(cfg: DictConfig) -> None:
             _count(cfg, "method.k", allow_none=False, minimum=1)
         _choice(cfg, "method.sign", SIGNS)
         _choice(cfg, "method.mode", NEURON_MODES)
+        _validate_score(cfg)
         _fraction(cfg, "method.universal.top_fraction")
         _fraction(cfg, "method.universal.threshold")
         _validate_layer_range(cfg)
     else:
         _fraction(cfg, "method.layer_fraction", low_open=False)
         _count(cfg, "method.layer")
+
+
+def _validate_score(cfg: DictConfig) -> None:
+    """method.score and the settings its metric needs (cna.attribution)."""
+    _choice(cfg, "method.score", SCORES)
+    _fraction(cfg, "method.direction_layer_fraction", low_open=False)
+    _count(cfg, "method.direction_layer")
+    if cfg.method.score in GRADIENT_SCORES and cfg.method.position != "last":
+        _fail("method.position", f"last for method.score={cfg.method.score} (gradients at the last prompt token)",
+              cfg.method.position)
+    starts = cfg.method.refusal_starts
+    if cfg.method.score == "attribution" and (not starts or not all(isinstance(s, str) and s for s in starts)):
+        _fail("method.refusal_starts", "a non-empty list of response openings such as \"I'm sorry\"",
+              OmegaConf.to_object(starts) if isinstance(starts, ListConfig) else starts)
 
 
 def _validate_layer_range(cfg: DictConfig) -> None:

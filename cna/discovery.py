@@ -168,11 +168,21 @@ def collect_statistics(
 
 @dataclass
 class NeuronScores:
-    """Per-neuron contrastive scores, [layers, neurons] float64 each."""
+    """Per-neuron contrastive scores, [layers, neurons] float64 each.
+
+    Neurons are ranked by `delta` (the paper) or, when `value` is set, by the score `name` it holds
+    (`cna.attribution`: projection, attribution, target); selection is the same either way.
+    """
 
     delta: torch.Tensor
     positive_mean: torch.Tensor
     negative_mean: torch.Tensor
+    name: str = "delta"
+    value: torch.Tensor | None = None
+
+    @property
+    def ranking(self) -> torch.Tensor:
+        return self.delta if self.value is None else self.value
 
     def neuron(self, layer: int, index: int) -> Neuron:
         return Neuron(
@@ -181,6 +191,7 @@ class NeuronScores:
             delta=float(self.delta[layer, index]),
             positive_mean=float(self.positive_mean[layer, index]),
             negative_mean=float(self.negative_mean[layer, index]),
+            score=float(self.ranking[layer, index]),
         )
 
 
@@ -252,17 +263,17 @@ def select_circuit(
     prompts: dict | None = None,
     settings: dict | None = None,
 ) -> Circuit:
-    """The top-k neurons by contrastive score; universal neurons are skipped and the circuit refilled.
+    """The top-k neurons by `scores.ranking`; universal neurons are skipped and the circuit refilled.
 
     k is `k_fraction` of all MLP neurons, or `k` neurons when a count is given (it overrides the fraction).
     """
-    n_layers, width = scores.delta.shape
+    n_layers, width = scores.ranking.shape
     if k is not None:
         n_selected = resolve_k(n_layers * width, k=k)
         k_fraction = n_selected / (n_layers * width)
     else:
         n_selected = resolve_k(n_layers * width, k_fraction=k_fraction)
-    ranked = rank_neurons(scores.delta, sign, layers)
+    ranked = rank_neurons(scores.ranking, sign, layers)
     universal_removed = 0
     if universal is not None:
         flagged = universal.flatten()[ranked]
@@ -273,6 +284,7 @@ def select_circuit(
     return Circuit(
         model=model,
         method="cna",
+        score=scores.name,
         neurons=neurons,
         n_layers=n_layers,
         neurons_per_layer=width,

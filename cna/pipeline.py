@@ -21,6 +21,7 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
+from cna.attribution import GRADIENT_SCORES, GradientStatistics, collect_gradients, score_metric, score_neurons
 from cna.cache import BaselineCache, StatisticsCache, statistics_key
 from cna.circuit import Circuit, ResidualDirection
 from cna.config import NEURON_METHODS, validate
@@ -36,7 +37,6 @@ from cna.data import (
 from cna.discovery import (
     ActivationStatistics,
     collect_statistics,
-    contrastive_scores,
     layer_at_fraction,
     random_circuit,
     residual_direction,
@@ -171,6 +171,7 @@ class Discovery:
     positive: ActivationStatistics
     negative: ActivationStatistics
     diverse: ActivationStatistics | None
+    gradients: GradientStatistics | None = None  # the positive set's, for method.score attribution or target
 
 
 def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache) -> Discovery:
@@ -191,7 +192,18 @@ def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsC
     diverse = None
     if neuron_method and method.universal.enabled:
         diverse = statistics(packaged_prompts("diverse"), "diverse", method.universal.top_fraction)
-    return Discovery(statistics(data.positive, "positive"), statistics(data.negative, "negative"), diverse)
+    gradients = None
+    if neuron_method and method.score in GRADIENT_SCORES:
+        sources = {side: _source(cfg.prompts[side]) for side in ("positive", "negative")}
+        metric, metric_id = score_metric(method.score, lm.tokenizer, refusal_starts=list(method.refusal_starts),
+                                         positive=data.positive, negative=data.negative, sources=sources)
+        encoded = encode_prompts(lm.tokenizer, data.positive, template)
+        key = statistics_key(model=identity, site=site, prompts=encoded, position=method.position, top_fraction=None,
+                             score=metric_id)
+        gradients = cache.get_or_compute(key, lambda: collect_gradients(
+            lm.adapter, encoded, metric, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
+            max_batch_tokens=cfg.discovery_batch_tokens, desc=method.score), load=GradientStatistics.load)
+    return Discovery(statistics(data.positive, "positive"), statistics(data.negative, "negative"), diverse, gradients)
 
 
 def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobData,
@@ -202,13 +214,19 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
                "duplicates_removed": data.removed_duplicates,
                "in_sample": data.in_sample, "overlap": data.overlap}
     if method.name in NEURON_METHODS:
-        scores = contrastive_scores(found.positive, found.negative)
+        direction_layer = (method.direction_layer if method.direction_layer is not None
+                           else layer_at_fraction(adapter.n_layers, method.direction_layer_fraction))
+        scores = score_neurons(method.score, found.positive, found.negative, adapter, direction_layer=direction_layer,
+                               gradients=found.gradients)
         universal = None if found.diverse is None else universal_neurons(found.diverse, method.universal.threshold)
         requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
         circuit = select_circuit(
             scores, model=model_name, k_fraction=method.k_fraction, k=method.k, sign=method.sign,
             layers=resolve_layer_range(requested, adapter.n_layers), universal=universal, prompts=prompts,
             settings={"position": method.position, "mode": method.mode, "layers_requested": requested,
+                      "score": method.score,
+                      **({"direction_layer": direction_layer} if method.score == "projection" else {}),
+                      **({"refusal_starts": list(method.refusal_starts)} if method.score == "attribution" else {}),
                       "universal_threshold": method.universal.threshold if universal is not None else None,
                       "universal_top_fraction": method.universal.top_fraction if universal is not None else None},
         )

@@ -20,7 +20,9 @@ def test_circuit_json_follows_the_output_contract(tmp_path):
     data = json.loads(path.read_text())
     assert set(data) >= CONTRACT_KEYS
     assert data["k"] == 3 and data["universal_removed"] == 2 and data["n_layers"] == 24
-    assert data["neurons"][0] == {"layer": 23, "index": 5, "delta": 3.0, "positive_mean": 1.0, "negative_mean": 0.0}
+    assert data["neurons"][0] == {"layer": 23, "index": 5, "delta": 3.0, "positive_mean": 1.0, "negative_mean": 0.0,
+                                  "score": None}
+    assert data["score"] == "delta"  # what ranked the neurons; older files without it load as delta
     assert data["layer_counts"]["23"] == 2 and data["layer_counts"]["10"] == 1 and data["layer_counts"]["0"] == 0
     assert Circuit.load(path) == circuit
     assert [p.name for p in tmp_path.iterdir()] == ["circuit.json"]  # no temporary file left behind

@@ -66,6 +66,23 @@ def test_discovery_prompts_are_deduplicated_against_the_evaluation_sets(tiny_fol
     assert prompts["positive"] == 260 - prompts["duplicates_removed"]["positive"]
 
 
+def test_a_causal_score_ranks_the_circuit_and_its_gradients_are_cached_apart(tiny_folder, tmp_path):
+    cache = tmp_path / "cache"
+    attribution = run(small_job(tiny_folder, cache, "method.k=6", "method.score=attribution", "alphas=[1.0]"),
+                      tmp_path / "attribution")
+    assert attribution["cache"] == {"hits": 0, "misses": 4}  # diverse, positive, negative, positive gradients
+    circuit = json.loads((tmp_path / "attribution" / CIRCUIT).read_text())
+    assert circuit["score"] == "attribution" and circuit["settings"]["refusal_starts"]
+    magnitudes = [abs(n["score"]) for n in circuit["neurons"]]  # sign abs, the default
+    assert magnitudes == sorted(magnitudes, reverse=True) and min(magnitudes) > 0
+    # The activation statistics do not depend on the score: a projection job computes nothing again.
+    projection = run(small_job(tiny_folder, cache, "method.k=6", "method.score=projection", "alphas=[1.0]"),
+                     tmp_path / "projection")
+    assert projection["cache"] == {"hits": 3, "misses": 0}
+    circuit = json.loads((tmp_path / "projection" / CIRCUIT).read_text())
+    assert circuit["score"] == "projection" and circuit["settings"]["direction_layer"] == 1  # half of 3 layers
+
+
 def test_a_complete_job_is_skipped_and_a_half_done_one_finishes(tiny_folder, tmp_path):
     cfg = small_job(tiny_folder, tmp_path / "cache", "alphas=[0.0,0.5,1.0]")
     run_dir = tmp_path / "run"
