@@ -31,6 +31,8 @@ from cna.interventions import NeuronScale
 from cna.judge import judge_group_overrides, main
 from cna.models import ModelSpec, load_model
 from cna.pipeline import run
+from cna.report import write_report
+from cna.report.analysis import fmt_ci
 from cna.run_folder import GENERATIONS, RESULTS
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -248,6 +250,10 @@ def test_a_judged_job_writes_judge_fields_and_rejudging_costs_nothing(tiny_folde
     lines = [json.loads(line) for line in (tmp_path / "run" / GENERATIONS).read_text().splitlines()]
     assert len(lines) == 18 and all(0 < line["judge_score"] < 1 for line in lines)
     assert (tmp_path / "run" / "judge_vs_keyword.png").read_bytes().startswith(b"\x89PNG")
+    summary = write_report(tmp_path / "run", tmp_path / "report")["summary"].read_text()
+    judge_rows = summary.split("## Judge vs keyword refusal")[1].split("##")[0].strip().splitlines()[2:]
+    assert len(judge_rows) == 2 and all("yesno (Qwen/Qwen2.5-Coder-0.5B-Instruct)" in row for row in judge_rows)
+    assert fmt_ci(first["points"][0]["judge_refusal_rate"], first["points"][0]["judge_refusal_ci95"]) in judge_rows[0]
     assert main(rejudge) == 0
     assert "0 questions asked, 18 cached" in capsys.readouterr().out
     assert json.loads((tmp_path / "run" / RESULTS).read_text())["points"] == first["points"]

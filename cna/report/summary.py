@@ -50,6 +50,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _judge_section(runs: list[Run]) -> list[str]:
+    """Keyword and judge refusal side by side, for the points a judge scored (eval.judge or python -m cna.judge)."""
+    rows = []
+    for run in runs:
+        judge = run.results.get("judge") or {}
+        for point in run.points:
+            if point.get("judge_refusal_rate") is None:
+                continue
+            rows.append([run.display, f"{judge.get('name', MISSING)} ({judge.get('model', MISSING)})",
+                         fmt(point.get("alpha"), "g"),
+                         fmt_ci(point.get("refusal_rate"), point.get("refusal_ci95")),
+                         fmt_ci(point.get("judge_refusal_rate"), point.get("judge_refusal_ci95")),
+                         fmt_ci(point.get("judge_score"), point.get("judge_score_ci95")),
+                         str(point.get("judge_parse_failures", MISSING))])
+    if not rows:
+        return []
+    header = ["run", "judge (model)", "alpha", "keyword refusal [95% CI]", "judge refusal [95% CI]",
+              "judge score [95% CI]", "unparsed"]
+    return ["## Judge vs keyword refusal", ""] + _table(header, rows) + [""]
+
+
 def _circuit_section(run: Run) -> list[str]:
     circuit = run.circuit
     lines = [f"### {run.display}", ""]
@@ -124,6 +145,8 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
     lines += ["## Points", ""]
     rows = [point_row(run, point) for run in runs for point in run.points]
     lines += (_table(_TABLE_HEADER, rows) if rows else ["No finished points yet."]) + [""]
+
+    lines += _judge_section(runs)
 
     with_circuit = neuron_runs(runs)
     if with_circuit:
