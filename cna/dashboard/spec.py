@@ -115,7 +115,6 @@ OPTIONAL: dict[Key, str] = {
     history("judge_refusal_rate"): JUDGE_SET,
     history("judge_score"): JUDGE_SET,
     summary("judge_refusal_rate"): JUDGE_SET,
-    config("method.score"): "logged only by a method config that has a `score` option (the neuron score)",
 }
 
 _STRONGEST = "each run's last strength point (its summary; alpha = 1 in the default sweep)"
