@@ -3,7 +3,8 @@
     CNA_DATA_DIR=... CNA_MODEL_CACHE=... .venv/bin/python benchmarks/evaluation_reuse.py --only prefix,generation
 
 - prefix: MMLU + KL of a 3-strength job (alphas 0, 0.5, 1, plus KL's unsteered reference) for a circuit in the
-  last 9 of 24 layers, with layer-prefix reuse / full forwards (`eval_prefix_reuse`).
+  last 9 of 24 layers, with layer-prefix reuse / full forwards: prefixes from the store an earlier job of the
+  sweep filled (`eval_prefix_reuse`), and recorded in the timed job itself (`eval_prefix_reuse_first_job`).
 - generation: refilled / plain batched generation at batch sizes 16, 32, 64 (tokens compared), and a CNA
   circuit baked into the weights / the same circuit by hooks (`generation_refill`, `generation_batch_size`,
   `bake_vs_hooks`).
@@ -29,19 +30,20 @@ from hydra import compose, initialize_config_dir
 from measure import ratio, spread
 
 from cna.circuit import Circuit, Neuron
-from cna.data import encode_prompts, read_prompt_file
+from cna.data import _deduplicate, encode_prompts, read_prompt_file
 from cna.evaluation.mmlu import evaluate_mmlu, load_mmlu_folder, stratified_sample
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
 from cna.interventions import NeuronScale, baked_weights
-from cna.models import ModelSpec, load_model
+from cna.models import ModelSpec, activation_identity, load_model
 from cna.pipeline import run
-from cna.prefix import LayerPrefixReuse
+from cna.prefix import LayerPrefixReuse, PrefixStore
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 HYDRA_MODEL = {"qwen2.5-coder-0.5b-instruct": "qwen_coder_0_5b", "smollm2-135m-instruct": "smollm2_135m"}
 QUIET = ["logger=none", "resume=false", "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0"]
-OLD_PATH = ["prefix_reuse_mib=0", "prefix_reuse_disk_mib=0", "refill_generation=false", "reuse_baseline=false"]
+OLD_PATH = ["prefix_reuse_mib=0", "prefix_reuse_disk_mib=0", "prefix_cache_mib=0", "refill_generation=false",
+            "reuse_baseline=false"]
 
 
 def load() -> str:
@@ -55,7 +57,7 @@ def spread_circuit(n_layers: int, width: int, lowest: int, per_layer: int = 13) 
     return Circuit("bench", "cna", neurons, n_layers, width)
 
 
-def prefix_figure(lm, data: Path, repetitions: int, n_questions: int, n_kl: int) -> dict:
+def prefix_figure(lm, data: Path, scratch: Path, repetitions: int, n_questions: int, n_kl: int) -> dict:
     adapter, tokenizer = lm.adapter, lm.tokenizer
     lowest = adapter.n_layers - 9
     steer = NeuronScale(adapter, spread_circuit(adapter.n_layers, adapter.neurons_per_layer, lowest))
@@ -74,23 +76,33 @@ def prefix_figure(lm, data: Path, repetitions: int, n_questions: int, n_kl: int)
             results.append((mmlu.predictions, kl))
         return reference, results
 
+    store = PrefixStore(scratch / "prefix_store", activation_identity(lm), budget_mib=4096)
+    evaluation(LayerPrefixReuse(adapter, lowest, store=store))  # an earlier job of the sweep fills the store
+    variants = {"full": lambda: None, "first_job": lambda: LayerPrefixReuse(adapter, lowest),
+                "later_job": lambda: LayerPrefixReuse(adapter, lowest, store=PrefixStore(
+                    scratch / "prefix_store", activation_identity(lm), budget_mib=4096))}
     before = load()
-    seconds: dict[str, list[float]] = {"full": [], "reuse": []}
-    full = None
-    for _ in range(repetitions):  # in turn, no warm-up: the model is warm from loading; outputs compared
-        for name in seconds:
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    identical = True
+    for _ in range(repetitions):  # in turn; outputs compared with the full forwards'
+        for name, reuse in variants.items():
             started = time.perf_counter()
-            outputs = evaluation(LayerPrefixReuse(adapter, lowest) if name == "reuse" else None)
+            outputs = evaluation(reuse())
             seconds[name].append(time.perf_counter() - started)
             if name == "full":
                 full = outputs
-        identical = full[0].equal(outputs[0]) and all(
-            a[0] == b[0] and a[1].equal(b[1]) for a, b in zip(full[1], outputs[1], strict=True))
+            identical &= full[0].equal(outputs[0]) and all(
+                a[0] == b[0] and a[1].equal(b[1]) for a, b in zip(full[1], outputs[1], strict=True))
+    sets = f"MMLU {n_questions} + KL {n_kl} (reference + alphas 0, 0.5, 1), circuit in layers {lowest}-" \
+           f"{adapter.n_layers - 1} of {adapter.n_layers}"
+    common = {"full_s": spread(seconds["full"]), "identical": identical, "load": [before, load()]}
     return {"eval_prefix_reuse": {
-        **ratio(seconds["reuse"], seconds["full"]), "full_s": spread(seconds["full"]),
-        "reuse_s": spread(seconds["reuse"]), "identical": identical, "load": [before, load()],
-        "note": f"MMLU {n_questions} + KL {n_kl} (reference + alphas 0, 0.5, 1), circuit in layers {lowest}-"
-                f"{adapter.n_layers - 1} of {adapter.n_layers}, prefix recorded in the timed run / full forwards"}}
+        **ratio(seconds["later_job"], seconds["full"]), "reuse_s": spread(seconds["later_job"]), **common,
+        "note": f"{sets}; prefix from the store an earlier job of the sweep filled (once per model and evaluation "
+                "set) / full forwards"},
+        "eval_prefix_reuse_first_job": {
+        **ratio(seconds["first_job"], seconds["full"]), "reuse_s": spread(seconds["first_job"]), **common,
+        "note": f"{sets}; prefix recorded in the timed run (the sweep's first job) / full forwards"}}
 
 
 def generation_figure(lm, data: Path, n_prompts: int, new_tokens: int, sizes: list[int]) -> dict:
@@ -151,6 +163,11 @@ def bake_figure(lm, data: Path, repetitions: int, batch_size: int) -> dict:
                                       f"by hooks, 16 JBB goals x 16 tokens, batch {batch_size}, refill on"}}
 
 
+def fresh_process() -> None:
+    """What a new process would not have: the discovery-set de-duplication a sweep's first job computes."""
+    _deduplicate.cache_clear()
+
+
 def job(hydra_model: str, scratch: Path, name: str, cache: Path, overrides: list[str]) -> tuple[float, dict]:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"model={hydra_model}", f"cache_dir={cache}", *QUIET, *overrides])
@@ -173,7 +190,8 @@ def sweep_figure(hydra_model: str, scratch: Path) -> dict:
     before = load()
     for variant, extra in (("none", ["reuse_baseline=false"]), ("cached", [])):
         cache = scratch / f"sweep_{variant}"
-        shutil.copytree(warm, cache, ignore=shutil.ignore_patterns("baselines"))
+        shutil.copytree(warm, cache, ignore=shutil.ignore_patterns("baselines", "prefixes"))
+        fresh_process()
         seconds[variant] = sum(job(hydra_model, scratch, f"sweep_{variant}_{i}", cache, [*SWEEP_JOB, *recipe,
                                                                                          *extra])[0]
                                for i, recipe in enumerate(SWEEP_RECIPES))
@@ -193,12 +211,15 @@ def end_to_end_figure(hydra_model: str, scratch: Path, scale: int) -> dict:
     seconds, stages = {}, {}
     before = load()
     for variant, extra in (("old", [*OLD_PATH, "batch_size=16"]), ("new", [])):
+        fresh_process()
         seconds[variant], results = job(hydra_model, scratch, f"e2e_{variant}", scratch / f"e2e_{variant}_cache",
                                         [*sized, *extra])
         stages[variant] = results["timings_s"]
         print(variant, seconds[variant], stages[variant], flush=True)
-    cached_cache = scratch / "e2e_cached_cache"
-    shutil.copytree(scratch / "e2e_new_cache" / "baselines", cached_cache / "baselines")
+    cached_cache = scratch / "e2e_cached_cache"  # a later job of the sweep: the first one filled both stores
+    for store in ("baselines", "prefixes"):
+        shutil.copytree(scratch / "e2e_new_cache" / store, cached_cache / store)
+    fresh_process()
     seconds["new_cached_baseline"], results = job(hydra_model, scratch, "e2e_cached", cached_cache, sized)
     stages["new_cached_baseline"] = results["timings_s"]
     return {"end_to_end_ratio": {
@@ -209,7 +230,8 @@ def end_to_end_figure(hydra_model: str, scratch: Path, scale: int) -> dict:
         "note": f"the end-to-end job at 1/{scale} scale (discovery {128 // scale} + {128 // scale} with an empty "
                 f"statistics cache, alphas 0/0.5/1 x {100 // scale} JBB x 64 tokens, MMLU {200 // scale}, KL "
                 f"{100 // scale}); new / old code path (old: no prefix reuse, no refill, no baseline cache, batch "
-                "16), one run each in turn; cached_baseline: the new path with the alpha 0 point cached"}}
+                "16), one run each in turn; cached_baseline: the new path with the alpha 0 point and the layer "
+                "prefixes cached by the new job (a later job of the same sweep, same recipe)"}}
 
 
 def main() -> None:
@@ -233,7 +255,7 @@ def main() -> None:
         lm = load_model(ModelSpec(name=args.model, local_name=args.model))
         if "prefix" in only:
             n_questions, n_kl = map(int, args.prefix_sets.split(","))
-            save(args, prefix_figure(lm, data, args.repetitions, n_questions, n_kl))
+            save(args, prefix_figure(lm, data, scratch, args.repetitions, n_questions, n_kl))
         if "generation" in only:
             n_prompts, new_tokens = map(int, args.generation.split(","))
             save(args, generation_figure(lm, data, n_prompts, new_tokens, [int(s) for s in args.sizes.split(",")]))

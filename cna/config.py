@@ -103,7 +103,7 @@ def validate(cfg: DictConfig) -> None:
     _count(cfg, "batch_size", allow_none=False, minimum=1)
     _count(cfg, "discovery_batch_tokens", minimum=1)
     _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
-    for key in ("prefix_reuse_mib", "prefix_reuse_disk_mib"):
+    for key in ("prefix_reuse_mib", "prefix_reuse_disk_mib", "prefix_cache_mib"):
         _count(cfg, key, allow_none=False)
     _choice(cfg, "logger.name", ("wandb", "none"))
     for key in ("reuse_baseline", "refill_generation", "bake_steering"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -178,10 +179,17 @@ def deduplicate(candidates: Sequence[str], evaluation: Sequence[str], threshold:
     """Drop discovery prompts that are exact or near duplicates (similarity >= threshold) of evaluation prompts.
 
     Pairs sharing under a quarter of their words are skipped before the character comparison,
-    which keeps an 18,000 x 100 check to seconds.
+    which keeps an 18,000 x 100 check to seconds; every job of a sweep in one process asks the same
+    question, so the answer is remembered.
     """
     if not 0 < threshold <= 1:
         raise ConfigError(f"dedup threshold must be in (0, 1], got {threshold}")
+    found = _deduplicate(tuple(candidates), tuple(evaluation), threshold)
+    return Deduplication(list(found.kept), list(found.exact), list(found.near))
+
+
+@functools.lru_cache(maxsize=16)
+def _deduplicate(candidates: tuple[str, ...], evaluation: tuple[str, ...], threshold: float) -> Deduplication:
     targets = [(normalise(text), text) for text in evaluation]
     target_words = [set(norm.split()) for norm, _ in targets]
     exact_set = {norm for norm, _ in targets}

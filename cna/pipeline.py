@@ -54,7 +54,7 @@ from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
 from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector, baked_weights
 from cna.models import LoadedModel, ModelSpec, activation_identity, is_offloaded, is_quantized_module, load_model
-from cna.prefix import LayerPrefixReuse, prefix_reuse
+from cna.prefix import LayerPrefixReuse, PrefixStore, prefix_reuse
 from cna.report import run_plots
 from cna.run_folder import (
     CIRCUIT,
@@ -432,6 +432,18 @@ def _plots(run_dir: Path) -> dict[str, Path]:
         return {}
 
 
+def _versions() -> dict[str, str]:
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def prefix_store(cfg: DictConfig, lm: LoadedModel) -> PrefixStore | None:
+    """Recorded layer prefixes shared by the jobs of a sweep, under cache_dir/prefixes (None: kept per job)."""
+    if not cfg.cache_dir or cfg.prefix_cache_mib <= 0:
+        return None
+    return PrefixStore(Path(cfg.cache_dir) / "prefixes", {**activation_identity(lm), "versions": _versions()},
+                       cfg.prefix_cache_mib)
+
+
 def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
     """Everything the unsteered point (alpha = 0) depends on, and nothing about the recipe: at m = 1 (alpha = 0)
     every intervention leaves the model bit-identical, so one baseline serves every method and circuit."""
@@ -443,7 +455,7 @@ def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
                     "generalisation": data.generalisation, "mmlu": [asdict(question) for question in data.mmlu]},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
         "refusal_phrases": list(REFUSAL_PHRASES),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "versions": _versions(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -483,7 +495,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
         unsteered = baseline_key(cfg, lm, data)
         with _timed(timings, "kl_reference"):
             reuse = prefix_reuse(lm.adapter, intervention, memory_mib=cfg.prefix_reuse_mib,
-                                 disk_mib=cfg.prefix_reuse_disk_mib)
+                                 disk_mib=cfg.prefix_reuse_disk_mib, store=prefix_store(cfg, lm))
             evaluator = Evaluator(cfg, lm, data, lambda compute: baselines.tensor(f"{unsteered}.kl", compute), reuse)
         if evaluator.judge_description:
             results["judge"] = evaluator.judge_description
@@ -512,7 +524,8 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
             tracker.log_generations(records)
             log.info("alpha %g: refusal %s, quality %s", alpha, point["refusal_rate"], point["quality"])
         if reuse is not None:
-            results["prefix_reuse"] = {"layer": reuse.layer, "recorded_batches": reuse.recorded_batches}
+            results["prefix_reuse"] = {"layer": reuse.layer, "recorded_batches": reuse.recorded_batches,
+                                       "batches_from_earlier_jobs": reuse.store.read_batches if reuse.store else 0}
         results["status"] = "complete"
         write_json_atomic(run_dir / RESULTS, results)
         tracker.log_images(_plots(run_dir))
