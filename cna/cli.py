@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     selection.add_argument("--k-fraction", type=float, default=0.001)
     selection.add_argument("--k", type=int, help="an absolute neuron count (overrides --k-fraction)")
     selection.add_argument("--sign", default="abs", choices=["abs", "positive", "negative"])
+    selection.add_argument("--score", default="delta", choices=["delta", "projection", "attribution"],
+                           help="what ranks the neurons: the paper's activation difference, its projection on the "
+                                "residual direction, or attribution patching (cna/attribution.py)")
+    selection.add_argument("--refusal-starts", nargs="+", metavar="TEXT",
+                           help="attribution: the response starts whose first tokens' log-odds is the metric "
+                                "(default: the method config's refusal starts)")
     selection.add_argument("--top-fraction", type=float, default=0.001, help="universal filter: top share")
     selection.add_argument("--threshold", type=float, default=0.8, help="universal filter: share of prompts")
     selection.add_argument("--no-filter", action="store_true", help="skip the universal-neuron filter")
@@ -79,7 +85,9 @@ def job_config(args: argparse.Namespace) -> DictConfig:
         cfg = compose("config", overrides=["method=cna", "logger=none"])
     cfg.model.update(name=args.model, local_name=args.local_name, path=args.path, dtype=args.dtype,
                      device=args.device, template=args.template)
-    cfg.method.update(k_fraction=args.k_fraction, k=args.k, sign=args.sign)
+    cfg.method.update(k_fraction=args.k_fraction, k=args.k, sign=args.sign, score=args.score)
+    if args.refusal_starts:
+        cfg.method.refusal_starts = list(args.refusal_starts)
     cfg.method.universal.update(enabled=not args.no_filter, top_fraction=args.top_fraction, threshold=args.threshold)
     cfg.update(seed=args.seed, batch_size=args.batch_size, discovery_batch_tokens=args.batch_tokens)
     return cfg

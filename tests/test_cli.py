@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from test_pipeline import small_job
 
 from cna.cli import main
@@ -29,17 +30,21 @@ def test_bad_input_is_one_line_on_stderr(tiny_folder, tmp_path, capsys):
     assert error.startswith("error: prompt file") and error.count("\n") == 1
 
 
-def test_the_cli_and_the_pipeline_write_the_same_circuit_json(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("score", ["delta", "projection", "attribution"])
+def test_the_cli_and_the_pipeline_write_the_same_circuit_json(tiny_folder, tmp_path, capsys, score):
     (tmp_path / "pos.txt").write_text("w7 w9\nw7 w10 w11\nw7\nw7 w20 w21 w22\n")
     (tmp_path / "neg.txt").write_text("w8 w9\nw8\nw8 w12 w13\nw8 w30\n")
     assert main(["discover", "--model", "tiny-random", "--path", str(tiny_folder), "--template", "chat",
                  "--positive", str(tmp_path / "pos.txt"), "--negative", str(tmp_path / "neg.txt"), "--k", "7",
-                 "--batch-size", "4", "--show-n", "1", "--max-new-tokens", "1", "--out", str(tmp_path / "cli")]) == 0
+                 "--score", score, "--refusal-starts", "w5", "w6", "--batch-size", "4", "--show-n", "1",
+                 "--max-new-tokens", "1", "--out", str(tmp_path / "cli")]) == 0
     cfg = small_job(tiny_folder, tmp_path / "cache", f"prompts.positive.path={tmp_path / 'pos.txt'}",
                     f"prompts.negative.path={tmp_path / 'neg.txt'}", "prompts.n_positive=null",
-                    "prompts.n_negative=null", "method.k=7", "eval.refusal.n=0", "eval.over_refusal.jbb_benign.n=0",
-                    "eval.over_refusal.xstest_safe.n=0", "eval.mmlu.n=0", "eval.kl.n=0", "alphas=[0.0]")
+                    "prompts.n_negative=null", "method.k=7", f"method.score={score}", "method.refusal_starts=[w5,w6]",
+                    "eval.refusal.n=0", "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0",
+                    "eval.mmlu.n=0", "eval.kl.n=0", "alphas=[0.0]")
     run(cfg, tmp_path / "pipeline")
     from_cli = (tmp_path / "cli" / "circuit.json").read_text()
     assert json.loads(from_cli)["settings"]["universal_threshold"] == 0.8
+    assert json.loads(from_cli)["score"] == score
     assert from_cli == (tmp_path / "pipeline" / "circuit.json").read_text()
