@@ -407,9 +407,12 @@ def failed_objectives(search: DictConfig) -> list[float]:
 
 
 def bakeable(intervention: Intervention) -> bool:
-    """Weights can carry it: neuron scaling toward 0 (not a mean), at every position, on full-precision layers."""
-    return (isinstance(intervention, NeuronScale) and intervention.mode == "scale" and intervention.positions == "all"
-            and not any(is_quantized_module(s) or is_offloaded(s) for s in intervention.adapter.neuron_sites))
+    """Weights can carry it: neuron scaling toward 0 (not a mean), at every position, in the circuit's layers held
+    at full precision."""
+    if not (isinstance(intervention, NeuronScale) and intervention.mode == "scale" and intervention.positions == "all"):
+        return False
+    sites = [intervention.adapter.neuron_sites[layer] for layer in intervention.circuit.by_layer()]
+    return not any(is_quantized_module(site) or is_offloaded(site) for site in sites)
 
 
 # --- the job ----------------------------------------------------------------------------------------------------

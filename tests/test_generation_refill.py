@@ -6,6 +6,7 @@ from collections import Counter
 from itertools import combinations
 
 import pytest
+import torch
 
 from cna.circuit import Circuit, Neuron
 from cna.generation import generate, refillable
@@ -86,3 +87,7 @@ def test_only_cna_scaling_at_every_position_is_baked():
     assert bakeable(NeuronScale(adapter, circuit))
     assert not bakeable(NeuronScale(adapter, circuit, mode="mean"))
     assert not bakeable(NeuronScale(adapter, circuit, positions="generated"))
+    site = adapter.neuron_sites[0]  # offloaded (weights on meta): outside the circuit it does not matter
+    site.weight = torch.nn.Parameter(torch.empty_like(site.weight, device="meta"))
+    assert bakeable(NeuronScale(adapter, circuit))
+    assert not bakeable(NeuronScale(adapter, Circuit("tiny", "cna", [Neuron(0, 3, 1.0, 1.0, 0.5)], 2, 64)))
