@@ -43,7 +43,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 HYDRA_MODEL = {"qwen2.5-coder-0.5b-instruct": "qwen_coder_0_5b", "smollm2-135m-instruct": "smollm2_135m"}
 QUIET = ["logger=none", "resume=false", "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0"]
 OLD_PATH = ["prefix_reuse_mib=0", "prefix_reuse_disk_mib=0", "prefix_cache_mib=0", "refill_generation=false",
-            "reuse_baseline=false"]
+            "reuse_baseline=false", "scoring_batch_tokens=null"]
 
 
 def load() -> str:

@@ -102,6 +102,7 @@ def validate(cfg: DictConfig) -> None:
     _count(cfg, "eval.quality_n", allow_none=False, minimum=1)
     _count(cfg, "batch_size", allow_none=False, minimum=1)
     _count(cfg, "discovery_batch_tokens", minimum=1)
+    _count(cfg, "scoring_batch_tokens", minimum=1)
     _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
     for key in ("prefix_reuse_mib", "prefix_reuse_disk_mib", "prefix_cache_mib"):
         _count(cfg, key, allow_none=False)

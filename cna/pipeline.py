@@ -324,7 +324,8 @@ class Evaluator:
 
     def _kl_logprobs(self):
         return next_token_logprobs(self.lm.model, self.kl_prompts, pad_token_id=self.lm.tokenizer.pad_token_id,
-                                   batch_size=self.cfg.batch_size, desc="kl", reuse=self.reuse)
+                                   batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.scoring_batch_tokens,
+                                   desc="kl", reuse=self.reuse)
 
     def _responses(self, prompts: list[str], desc: str) -> list[str]:
         tokens = generate(self.lm.model, self.encode(prompts), desc=desc, **self.greedy)
@@ -372,7 +373,8 @@ class Evaluator:
             records += set_records
         with _timed(timings, "mmlu"):
             mmlu = evaluate_mmlu(self.lm.model, self.lm.tokenizer, self.data.mmlu, k_shot=self.cfg.eval.mmlu.k_shot,
-                                 batch_size=self.cfg.batch_size, reuse=self.reuse) if self.data.mmlu else None
+                                 batch_size=self.cfg.batch_size, max_batch_tokens=self.cfg.scoring_batch_tokens,
+                                 reuse=self.reuse) if self.data.mmlu else None
         point.update(mmlu_accuracy=mmlu.accuracy if mmlu else None, mmlu_ci95=list(mmlu.ci95) if mmlu else None)
         with _timed(timings, "kl"):
             if not self.kl_prompts:
@@ -457,6 +459,7 @@ def baseline_key(cfg: DictConfig, lm: LoadedModel, data: JobData) -> str:
         "prompts": {"refusal": data.refusal, "over_refusal": data.over_refusal, "kl": data.kl,
                     "generalisation": data.generalisation, "mmlu": [asdict(question) for question in data.mmlu]},
         "generation": {"max_new_tokens": cfg.max_new_tokens, "batch_size": cfg.batch_size},
+        "scoring_batch_tokens": cfg.scoring_batch_tokens,  # batches change padding, and float sums in the last bit
         "refusal_phrases": list(REFUSAL_PHRASES),
         "versions": _versions(),
     }

@@ -130,6 +130,17 @@ def test_next_token_logprobs_are_batch_and_padding_invariant(tiny):
         direct = torch.log_softmax(model(input_ids=torch.tensor([prompts[3]])).logits[0, -1], -1)
     torch.testing.assert_close(alone[3], direct, rtol=1e-5, atol=1e-5)
     assert batched.shape == (10, 64)
+    widths: list[tuple[int, int]] = []  # (rows, padded width) of every forward under a token budget
+    handle = model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        budgeted = next_token_logprobs(model, prompts, pad_token_id=0, batch_size=10, max_batch_tokens=48,
+                                       progress=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(budgeted, alone, rtol=1e-4, atol=1e-4)
+    assert sum(rows for rows, _ in widths) == 10 and len(widths) > 1
+    assert all(rows * width <= 48 or rows == 1 for rows, width in widths)
 
 
 def test_kl_is_zero_unsteered_and_positive_under_ablation(tiny):

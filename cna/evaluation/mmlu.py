@@ -101,6 +101,7 @@ def evaluate_mmlu(
     dev: Sequence[MmluQuestion] = (),
     k_shot: int = 0,
     batch_size: int = 8,
+    max_batch_tokens: int | None = None,
     progress: bool = True,
     reuse: LayerPrefixReuse | None = None,
 ) -> MmluResult:
@@ -113,7 +114,8 @@ def evaluate_mmlu(
     texts = [mmlu_prompt(q, dev_by_subject[q.subject][:k_shot]) for q in questions]
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
     logprobs = next_token_logprobs(model, encoded, pad_token_id=tokenizer.pad_token_id,
-                                   token_ids=letter_token_ids(tokenizer), batch_size=batch_size, progress=progress,
+                                   token_ids=letter_token_ids(tokenizer), batch_size=batch_size,
+                                   max_batch_tokens=max_batch_tokens, progress=progress,
                                    desc="mmlu", reuse=reuse)
     predictions = logprobs.argmax(-1).tolist()
     correct = [p == q.answer for p, q in zip(predictions, questions, strict=True)]

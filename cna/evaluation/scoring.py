@@ -20,6 +20,7 @@ def next_token_logprobs(
     pad_token_id: int,
     token_ids: Sequence[int] | None = None,
     batch_size: int = 16,
+    max_batch_tokens: int | None = None,
     progress: bool = True,
     desc: str = "scoring",
     reuse: LayerPrefixReuse | None = None,
@@ -27,12 +28,14 @@ def next_token_logprobs(
     """log p(next token | prompt) for every prompt, float32 on CPU, in prompt order.
 
     [n, vocab], or [n, len(token_ids)] when only some tokens matter (normalised over the whole vocabulary).
+    `max_batch_tokens` caps a batch's padded tokens: prompts of very different lengths (MMLU's run from under
+    100 to over 600 tokens) would otherwise pad a whole batch to its longest.
     With `reuse`, a second call on the same prompts runs only the layers from the intervention's lowest one.
     """
     device = input_device(model)
     rows_out: list[torch.Tensor | None] = [None] * len(prompts)
     selected = None if token_ids is None else torch.tensor(list(token_ids))
-    batches = list(length_sorted_batches(prompts, batch_size))
+    batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
     prefix = reuse.prefix(prompts, batches) if reuse is not None else None
     with torch.inference_mode():
         for index, rows in enumerate(tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False)):
