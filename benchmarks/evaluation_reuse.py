@@ -5,6 +5,8 @@
 - prefix: MMLU + KL of a 3-strength job (alphas 0, 0.5, 1, plus KL's unsteered reference) for a circuit in the
   last 9 of 24 layers, with layer-prefix reuse / full forwards: prefixes from the store an earlier job of the
   sweep filled (`eval_prefix_reuse`), and recorded in the timed job itself (`eval_prefix_reuse_first_job`).
+- scoring: MMLU at a fixed batch size against batches capped at a number of padded tokens
+  (`scoring_batch_tokens`); not in the default --only.
 - generation: refilled / plain batched generation at batch sizes 16, 32, 64 (tokens compared), and a CNA
   circuit baked into the weights / the same circuit by hooks (`generation_refill`, `generation_batch_size`,
   `bake_vs_hooks`).
@@ -103,6 +105,30 @@ def prefix_figure(lm, data: Path, scratch: Path, repetitions: int, n_questions: 
         "eval_prefix_reuse_first_job": {
         **ratio(seconds["first_job"], seconds["full"]), "reuse_s": spread(seconds["first_job"]), **common,
         "note": f"{sets}; prefix recorded in the timed run (the sweep's first job) / full forwards"}}
+
+
+def scoring_figure(lm, data: Path, repetitions: int, n_questions: int, variants: list[str]) -> dict:
+    """MMLU at a fixed batch size against batches capped at a number of padded tokens ("32:1024")."""
+    questions = stratified_sample(load_mmlu_folder(data / "mmlu", "test"), n_questions, 0)
+    settings = {name: tuple(None if part == "none" else int(part) for part in name.split(":")) for name in variants}
+    seconds: dict[str, list[float]] = {name: [] for name in settings}
+    predictions = {}
+    before = load()
+    for _ in range(repetitions):  # in turn
+        for name, (size, tokens) in settings.items():
+            started = time.perf_counter()
+            predictions[name] = evaluate_mmlu(lm.model, lm.tokenizer, questions, batch_size=size,
+                                              max_batch_tokens=tokens, progress=False).predictions
+            seconds[name].append(round(time.perf_counter() - started, 2))
+            print(name, seconds[name][-1], flush=True)
+    first = variants[0]
+    return {"scoring_batch_tokens": {
+        "seconds": {name: spread(times) for name, times in seconds.items()},
+        "over_first": {name: ratio(seconds[name], seconds[first]) for name in settings},
+        "same_predictions": all(predictions[name] == predictions[first] for name in settings),
+        "load": [before, load()],
+        "note": f"MMLU {n_questions} questions (0-shot, 80-650 tokens), batch_size:max_batch_tokens per variant "
+                f"(none: no cap), in turn; over_first: each / {first}"}}
 
 
 def generation_figure(lm, data: Path, n_prompts: int, new_tokens: int, sizes: list[int]) -> dict:
@@ -243,6 +269,8 @@ def main() -> None:
     parser.add_argument("--generation", default="64,32", help="prompts,new tokens for the batch-size figure")
     parser.add_argument("--prefix-sets", default="16,16", help="MMLU questions,KL prompts for the prefix figure")
     parser.add_argument("--sizes", default="16,32,64")
+    parser.add_argument("--scoring", default="25:16:none,32:none,32:512,32:1024,32:2048",
+                        help="MMLU questions, then batch_size:max_batch_tokens variants for the scoring figure")
     parser.add_argument("--bake-batch", type=int, default=16)
     parser.add_argument("--scale", type=int, default=4, help="end-to-end job at 1/scale of its prompt counts")
     parser.add_argument("--scratch", default="/tmp/cna-bench")
@@ -251,11 +279,15 @@ def main() -> None:
     only = set(args.only.split(","))
     data, scratch = Path(args.data_dir), Path(args.scratch)
     scratch.mkdir(parents=True, exist_ok=True)
-    if only & {"prefix", "generation", "bake"}:
+    if only & {"prefix", "generation", "bake", "scoring"}:
         lm = load_model(ModelSpec(name=args.model, local_name=args.model))
         if "prefix" in only:
             n_questions, n_kl = map(int, args.prefix_sets.split(","))
             save(args, prefix_figure(lm, data, scratch, args.repetitions, n_questions, n_kl))
+        if "scoring" in only:
+            n_questions, *variants = args.scoring.split(",")
+            n_questions, first = n_questions.split(":", 1)
+            save(args, scoring_figure(lm, data, args.repetitions, int(n_questions), [first, *variants]))
         if "generation" in only:
             n_prompts, new_tokens = map(int, args.generation.split(","))
             save(args, generation_figure(lm, data, n_prompts, new_tokens, [int(s) for s in args.sizes.split(",")]))

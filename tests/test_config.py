@@ -164,6 +164,14 @@ def test_every_experiment_composes_for_each_sweep_point(experiment, model_stub):
     assert len(EXPERIMENTS) >= 8
 
 
+@pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))
+def test_every_recipe_composes_and_validates(recipe, model_stub):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"recipe={recipe}"])
+    validate_with(cfg, model_stub)
+    assert cfg.method.k_fraction > 0 and cfg.method.sign in ("abs", "positive")
+
+
 def test_the_multiplier_sweep_asks_the_packaged_probes():
     data = load_job_data(composed("experiment=multiplier_sweep", f"data_dir={data_dir()}", "prompts.n_positive=4",
                                   "prompts.n_negative=4"))
