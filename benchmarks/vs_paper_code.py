@@ -1,8 +1,8 @@
 """`vs_paper_code`: the paper's public code (NousResearch/neural-steering) against ours on the same work.
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CNA_DATA_DIR=/work/shared/data CNA_MODEL_CACHE=~/.cache/cna-models \\
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CNA_DATA_DIR=../shared/data CNA_MODEL_CACHE=~/.cache/cna-models \\
         PYTHONPATH=. .venv/bin/python benchmarks/vs_paper_code.py --paper-code /tmp/neural-steering \\
-        --goals 16,100 --repetitions 2,1 --out /work/runs13/vs_paper.json
+        --goals 16,100 --repetitions 2,1 --out vs_paper.json
 
 The work, identical for both codes: qwen2.5-coder-0.5b-instruct (a local folder) on CPU in float32, discovery
 from the first `--n` of a seeded `random.Random(seed).sample` of harmful_train / harmless_train (field
