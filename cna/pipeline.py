@@ -174,36 +174,47 @@ class Discovery:
     gradients: GradientStatistics | None = None  # the positive set's, for method.score attribution or target
 
 
+def _neuron_site(lm: LoadedModel) -> str:
+    return f"{lm.adapter.model_type}:{lm.adapter.family.neuron_site}"
+
+
+def _prompt_statistics(cfg: DictConfig, lm: LoadedModel, cache: StatisticsCache, prompts: list[str], desc: str,
+                       top_fraction: float | None = None) -> ActivationStatistics:
+    encoded = encode_prompts(lm.tokenizer, prompts, cfg.model.template)
+    key = statistics_key(model=activation_identity(lm), site=_neuron_site(lm), prompts=encoded,
+                         position=cfg.method.position, top_fraction=top_fraction)
+    return cache.get_or_compute(key, lambda: collect_statistics(
+        lm.adapter, encoded, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.discovery_batch_tokens, position=cfg.method.position, top_fraction=top_fraction,
+        desc=desc))
+
+
+def universal_statistics(cfg: DictConfig, lm: LoadedModel, cache: StatisticsCache) -> ActivationStatistics | None:
+    """The diverse prompts' statistics behind the universal-neuron filter (paper section 3.2), or None when the
+    method applies no filter. They depend on the model alone, so one cached computation serves every job."""
+    method = cfg.method
+    if method.name not in NEURON_METHODS or not method.universal.enabled:
+        return None
+    return _prompt_statistics(cfg, lm, cache, packaged_prompts("diverse"), "diverse", method.universal.top_fraction)
+
+
 def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache) -> Discovery:
     template, method = cfg.model.template, cfg.method
     neuron_method = method.name in NEURON_METHODS
-    identity = activation_identity(lm)
-    site = f"{lm.adapter.model_type}:{lm.adapter.family.neuron_site}"
-
-    def statistics(prompts: list[str], desc: str, top_fraction: float | None = None) -> ActivationStatistics:
-        encoded = encode_prompts(lm.tokenizer, prompts, template)
-        key = statistics_key(model=identity, site=site, prompts=encoded, position=method.position,
-                             top_fraction=top_fraction)
-        return cache.get_or_compute(key, lambda: collect_statistics(
-            lm.adapter, encoded, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
-            max_batch_tokens=cfg.discovery_batch_tokens, position=method.position, top_fraction=top_fraction,
-            desc=desc))
-
-    diverse = None
-    if neuron_method and method.universal.enabled:
-        diverse = statistics(packaged_prompts("diverse"), "diverse", method.universal.top_fraction)
+    diverse = universal_statistics(cfg, lm, cache)
     gradients = None
     if neuron_method and method.score in GRADIENT_SCORES:
         sources = {side: _source(cfg.prompts[side]) for side in ("positive", "negative")}
         metric, metric_id = score_metric(method.score, lm.tokenizer, refusal_starts=list(method.refusal_starts),
                                          positive=data.positive, negative=data.negative, sources=sources)
         encoded = encode_prompts(lm.tokenizer, data.positive, template)
-        key = statistics_key(model=identity, site=site, prompts=encoded, position=method.position, top_fraction=None,
-                             score=metric_id)
+        key = statistics_key(model=activation_identity(lm), site=_neuron_site(lm), prompts=encoded,
+                             position=method.position, top_fraction=None, score=metric_id)
         gradients = cache.get_or_compute(key, lambda: collect_gradients(
             lm.adapter, encoded, metric, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
             max_batch_tokens=cfg.discovery_batch_tokens, desc=method.score), load=GradientStatistics.load)
-    return Discovery(statistics(data.positive, "positive"), statistics(data.negative, "negative"), diverse, gradients)
+    return Discovery(_prompt_statistics(cfg, lm, cache, data.positive, "positive"),
+                     _prompt_statistics(cfg, lm, cache, data.negative, "negative"), diverse, gradients)
 
 
 def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobData,
