@@ -10,7 +10,8 @@
 - generation: refilled / plain batched generation at batch sizes 16, 32, 64 (tokens compared), and a CNA
   circuit baked into the weights / the same circuit by hooks (`generation_refill`, `generation_batch_size`,
   `bake_vs_hooks`).
-- sweep: a 4-recipe multirun with alphas {0, 1}, baseline cache / none (`sweep_baseline_reuse`).
+- sweep: a 4-recipe multirun with alphas {0, 1}, baseline cache / none, `--repetitions` pairs in turn
+  (`sweep_baseline_reuse`).
 - end_to_end: the end-to-end job scaled down (`--scale`), the old code path (no prefix reuse, no refill, no
   baseline cache) / the new one, and the new one with its baseline already cached (`end_to_end_ratio`).
 
@@ -208,26 +209,29 @@ SWEEP_JOB = ["prompts.n_positive=32", "prompts.n_negative=32", "alphas=[0.0,1.0]
              "eval.refusal.n=16", "eval.mmlu.n=16", "eval.kl.n=16"]
 
 
-def sweep_figure(hydra_model: str, scratch: Path) -> dict:
+def sweep_figure(hydra_model: str, scratch: Path, repetitions: int) -> dict:
+    """Each repetition runs the 4-recipe multirun without, then with, the baseline cache, from fresh caches."""
     warm = scratch / "sweep_statistics"  # both variants find discovery cached: only the baseline differs
     job(hydra_model, scratch, "sweep_warm", warm, [*SWEEP_JOB, "alphas=[1.0]", "eval.refusal.n=1", "eval.mmlu.n=0",
                                                    "eval.kl.n=0"])
-    seconds = {}
+    seconds: dict[str, list[float]] = {"none": [], "cached": []}
     before = load()
-    for variant, extra in (("none", ["reuse_baseline=false"]), ("cached", [])):
-        cache = scratch / f"sweep_{variant}"
-        shutil.copytree(warm, cache, ignore=shutil.ignore_patterns("baselines", "prefixes"))
-        fresh_process()
-        seconds[variant] = sum(job(hydra_model, scratch, f"sweep_{variant}_{i}", cache, [*SWEEP_JOB, *recipe,
-                                                                                         *extra])[0]
-                               for i, recipe in enumerate(SWEEP_RECIPES))
-        print(variant, seconds[variant], flush=True)
-    value = round(seconds["cached"] / seconds["none"], 4)
+    for repetition in range(repetitions):
+        for variant, extra in (("none", ["reuse_baseline=false"]), ("cached", [])):
+            cache = scratch / f"sweep_{variant}_{repetition}"
+            shutil.copytree(warm, cache, ignore=shutil.ignore_patterns("baselines", "prefixes"))
+            fresh_process()
+            seconds[variant].append(sum(
+                job(hydra_model, scratch, f"sweep_{variant}_{repetition}_{i}", cache, [*SWEEP_JOB, *recipe, *extra])[0]
+                for i, recipe in enumerate(SWEEP_RECIPES)))
+            print(variant, seconds[variant][-1], flush=True)
     return {"sweep_baseline_reuse": {
-        "median": value, "min": value, "max": value, "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        **ratio(seconds["cached"], seconds["none"]), "seconds": {k: [round(v, 1) for v in vs] for k, vs in
+                                                                 seconds.items()},
         "load": [before, load()],
         "note": "4 recipes (cna k_fraction 0.0005/0.001/0.0025, caa) x alphas {0, 1}: discovery 32 + 32 (cached "
-                "for both), JBB 16 x 32 tokens, MMLU 16, KL 16; baseline cache / none, one run each"}}
+                f"for both), JBB 16 x 32 tokens, MMLU 16, KL 16; baseline cache / none, {repetitions} repetitions "
+                "in turn, each from fresh caches"}}
 
 
 def end_to_end_figure(hydra_model: str, scratch: Path, scale: int) -> dict:
@@ -295,7 +299,7 @@ def main() -> None:
             save(args, bake_figure(lm, data, args.repetitions, args.bake_batch))
         del lm
     if "sweep" in only:
-        save(args, sweep_figure(HYDRA_MODEL[args.model], scratch))
+        save(args, sweep_figure(HYDRA_MODEL[args.model], scratch, args.repetitions))
     if "end_to_end" in only:
         save(args, end_to_end_figure(HYDRA_MODEL[args.model], scratch, args.scale))
 
