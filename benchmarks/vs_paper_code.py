@@ -38,6 +38,7 @@ identical completions, refusal counts by our keyword classifier, and the first s
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
@@ -153,6 +154,7 @@ class OurCode:
         self.greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(self.lm.model, tokenizer),
                            batch_size=self.cfg.batch_size, refill=self.cfg.refill_generation, progress=False)
         self.model_level = Path(tempfile.mkdtemp(prefix="cna-vs-paper-"))
+        atexit.register(shutil.rmtree, self.model_level, ignore_errors=True)  # also when a run dies halfway
         started = time.perf_counter()
         universal_statistics(self.cfg, self.lm, StatisticsCache(self.model_level))
         self.universal_s = time.perf_counter() - started
@@ -282,7 +284,6 @@ def main() -> None:
     report = _report(args, k, paper, ours, load_start, runs)
     report["loadavg"]["end"] = list(os.getloadavg())
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    shutil.rmtree(ours.model_level, ignore_errors=True)
     print(json.dumps(report["summary"], indent=2))
 
 

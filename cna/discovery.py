@@ -111,8 +111,8 @@ def collect_statistics(
 
     batch: dict[str, torch.Tensor] = {}
     # Top counting ranks every neuron of a prompt at once, so it needs the batch's values from all layers:
-    # one buffer, allocated once. Plain statistics keep nothing between hooks (a tensor held across the
-    # forward's own allocations fragments the C heap and raised peak RSS by half, see BENCHMARKS.md).
+    # one buffer, allocated once. Plain statistics keep nothing between hooks: tensors held across the
+    # forward's own allocations raised peak RSS by half, most likely by fragmenting the C heap (BENCHMARKS.md).
     neuron_values = torch.empty(batch_size, n_layers, width, device=device) if top_counts is not None else None
 
     def prompt_values(hidden: torch.Tensor) -> torch.Tensor:
