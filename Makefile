@@ -7,19 +7,38 @@ export CNA_MODEL_CACHE ?= $(HOME)/.cache/cna-models
 export CNA_DATA_DIR ?= $(abspath $(SHARED)/data)
 
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
+# Every version setup and CI install (pyproject.toml keeps ranges for users; this pins them).
+LOCK := requirements/dev.lock
 
-.PHONY: setup models lint test demo bench gpu-check clean
+.PHONY: setup lock check-deps models lint test demo bench gpu-check clean
 
 setup: $(VENV)/.installed
 
-# Without a GPU, the CPU torch wheel goes in first, so the package's torch range installs nothing more.
-$(VENV)/.installed: pyproject.toml
+# Everything from the lock. Without a GPU, the locked torch goes in first from the CPU wheel (see the lock's header),
+# so the package's torch range installs nothing more.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	@if nvidia-smi -L >/dev/null 2>&1; then echo "GPU found: torch comes with the package"; \
-	else echo "no GPU: installing the CPU torch wheel"; $(BIN)/pip install --quiet torch==2.13.0; fi
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --constraint $(LOCK) --upgrade pip
+	@if nvidia-smi -L >/dev/null 2>&1; then echo "GPU found: the locked torch comes with the package"; \
+	else echo "no GPU: installing the locked torch's CPU wheel"; $(BIN)/pip install --quiet --constraint $(LOCK) torch; fi
+	$(BIN)/pip install --quiet --constraint $(LOCK) -e '.[dev]'
 	touch $@
+
+# Move the lock on purpose (new releases, a changed range in pyproject.toml or requirements/pins.in), then run
+# `make clean test`: the whole suite on the new versions.
+lock: setup
+	$(BIN)/pip install --quiet --constraint $(LOCK) uv
+	@printf '%s\n' "# What \`make setup\` and CI install: pyproject.toml's dev extra resolved for every platform and Python." \
+	    "# Regenerate on purpose with \`make lock\`, then run \`make clean test\`; \`make check-deps\` compares it with .venv." \
+	    > $(LOCK).new
+	grep '^#' requirements/pins.in >> $(LOCK).new
+	$(BIN)/uv pip compile pyproject.toml requirements/pins.in --extra dev --universal --upgrade --no-progress --quiet \
+	    --custom-compile-command "make lock" --output-file - >> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+
+# One line, and a failure, when an installed version is not the locked one (a drifted or hand-upgraded venv).
+check-deps: setup
+	$(BIN)/python requirements/check.py $(LOCK)
 
 # The real offline models the integration tests use (fetched once into $(CNA_MODEL_CACHE)).
 models: setup
@@ -28,7 +47,7 @@ models: setup
 lint: setup
 	$(BIN)/ruff check cna tests benchmarks launch.py
 
-test: lint models
+test: check-deps lint models
 	$(BIN)/python -m pytest
 
 # What a newcomer came to see, on the offline refusal model: the paper's recipe, the best recipe RESULTS.md found,

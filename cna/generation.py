@@ -9,6 +9,7 @@ the tests compare the tokens with `model.generate`.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -127,6 +128,11 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def cache_keyword(model) -> str:
+    """The forward's name for the KV cache: `cache` since transformers 5.25, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _next_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1].float().argmax(-1).cpu()
 
@@ -136,6 +142,7 @@ def _generate_refilled(model, prompts, *, pad_token_id: int, stops: set[int], ma
     from transformers import DynamicCache
 
     device = input_device(model)
+    with_cache = cache_keyword(model)
     waiting = [row for batch in length_sorted_batches(prompts, len(prompts) or 1) for row in batch]  # longest first
     outputs: list[list[int] | None] = [None] * len(prompts)
     running = _Running()
@@ -150,15 +157,15 @@ def _generate_refilled(model, prompts, *, pad_token_id: int, stops: set[int], ma
                 positions = position_ids(mask)
                 cache = DynamicCache()
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                               position_ids=positions.to(device), past_key_values=cache, use_cache=True,
-                               logits_to_keep=1).logits
+                               position_ids=positions.to(device), use_cache=True, logits_to_keep=1,
+                               **{with_cache: cache}).logits
                 running.join(rows, _next_tokens(logits), mask, positions[:, -1] + 1, cache)
             else:
                 last = torch.tensor([tokens[-1] for tokens in running.tokens]).unsqueeze(1)
                 running.mask = torch.cat([running.mask, torch.ones_like(last)], dim=1)
                 logits = model(input_ids=last.to(device), attention_mask=running.mask.to(device),
-                               position_ids=running.positions.unsqueeze(1).to(device),
-                               past_key_values=running.cache, use_cache=True, logits_to_keep=1).logits
+                               position_ids=running.positions.unsqueeze(1).to(device), use_cache=True,
+                               logits_to_keep=1, **{with_cache: running.cache}).logits
                 running.positions = running.positions + 1
                 for tokens, token in zip(running.tokens, _next_tokens(logits).tolist(), strict=True):
                     tokens.append(token)

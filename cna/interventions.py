@@ -96,16 +96,33 @@ class Intervention(ABC):
             return
         prefill = {"now": True}
 
-        def note_pass(_module, _args, kwargs):
-            # The prefill pass is the one that starts with an empty (or no) KV cache.
-            cache = kwargs.get("past_key_values")
-            prefill["now"] = cache is None or cache.get_seq_length() == 0
+        def note_pass(_module, args, kwargs):
+            prefill["now"] = is_prompt_pass(args, kwargs)
 
         want_prefill = self.positions == "prompt"
         gated = [Hook(h.module, _gate(h.fn, lambda: prefill["now"] == want_prefill), h.pre, h.with_kwargs)
                  for h in hooks]
         with attached([Hook(self.adapter.model, note_pass, pre=True, with_kwargs=True), *gated]):
             yield
+
+
+def is_prompt_pass(args: tuple, kwargs: dict) -> bool:
+    """Whether a model forward processes prompt tokens (the prefill) rather than one generated token.
+
+    Told from the inputs alone, whatever the cache's keyword is called (transformers 5.25 renamed
+    `past_key_values` to `cache`; `cache_position` is gone): a pass is the prompt's when its KV cache is
+    absent or still empty, or when it carries more than one new position (a prompt continued in chunks).
+    """
+    caches = (value for value in (*args, *kwargs.values()) if callable(getattr(value, "get_seq_length", None)))
+    cache = next(caches, None)
+    return cache is None or cache.get_seq_length() == 0 or _new_positions(args, kwargs) > 1
+
+
+def _new_positions(args: tuple, kwargs: dict) -> int:
+    tokens = kwargs.get("input_ids")
+    if tokens is None:
+        tokens = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("inputs_embeds")
+    return 1 if tokens is None else int(tokens.shape[1])
 
 
 def _gate(fn: Callable, active: Callable[[], bool]) -> Callable:

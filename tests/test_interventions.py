@@ -13,7 +13,7 @@ from cna.discovery import (
 )
 from cna.errors import CnaError, ConfigError
 from cna.export import orthogonalised_weights
-from cna.generation import generate
+from cna.generation import cache_keyword, generate
 from cna.hooks import attached, hook_count, read_input, read_output
 from cna.interventions import (
     DirectionAblation,
@@ -22,6 +22,7 @@ from cna.interventions import (
     baked_weights,
     export_baked_model,
     export_orthogonalised_model,
+    is_prompt_pass,
 )
 from cna.models import ArchitectureAdapter
 from cna.tiny import tiny_llama, tiny_tokenizer
@@ -258,15 +259,16 @@ def test_random_control_steers_its_own_neurons(setup):
     assert control.circuit.neurons != circuit.neurons
 
 
-def circuit_values_per_pass(model, adapter, circuit, context, prompts):
+def circuit_values_per_pass(model, adapter, circuit, context, prompts, **generation):
     """For each forward pass of a generation, whether the circuit neurons of one layer were all zero."""
     layer, neurons = lowest_layer(circuit)
     indices = [n.index for n in neurons]
     zeroed = []
     with context, attached([read_input(adapter.neuron_sites[layer],
                                        lambda x: zeroed.append(bool((x[..., indices] == 0).all())))]):
-        # An end token outside the vocabulary: every generation runs the full four passes.
-        generate(model, prompts, pad_token_id=0, eos_token_id=[10_000], max_new_tokens=4, progress=False)
+        # An end token outside the vocabulary: every generation runs all its passes.
+        generate(model, prompts, pad_token_id=0, eos_token_id=[10_000], progress=False,
+                 **{"max_new_tokens": 4, **generation})
     return zeroed
 
 
@@ -277,6 +279,40 @@ def test_positions_pick_prompt_or_generated_tokens(setup, positions, expected):
     prompts = random_prompts(2, seed=15)
     intervention = NeuronScale(adapter, circuit, positions=positions)
     assert circuit_values_per_pass(model, adapter, circuit, intervention.steer(1.0), prompts) == expected
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "gpt_neox", "opt"])
+@pytest.mark.parametrize("refill", [False, True], ids=["generate", "refill"])
+@pytest.mark.parametrize("positions", ["prompt", "generated"])
+def test_positions_hold_in_every_family_and_generation_loop(model_type, refill, positions):
+    """One prompt at a time, three new tokens each: a prefill pass, then two passes of one generated token.
+    The one-token prompt's prefill has a single position too: only its empty cache tells it apart."""
+    model = tiny_model(model_type, seed=3)
+    adapter = ArchitectureAdapter(model)
+    circuit = Circuit("tiny", "cna", [Neuron(0, j, 1.0, 1.0, 0.0) for j in range(0, 64, 2)], 2, 64)
+    prompts = [[7], random_prompts(1, seed=16)[0]]
+    steered = NeuronScale(adapter, circuit, positions=positions).steer(1.0)
+    zeroed = circuit_values_per_pass(model, adapter, circuit, steered, prompts, max_new_tokens=3, batch_size=1,
+                                     refill=refill)
+    prompt_passes = [True, False, False] * 2
+    assert zeroed == (prompt_passes if positions == "prompt" else [not p for p in prompt_passes])
+    assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize("keyword", ["past_key_values", "cache"])
+def test_prompt_pass_is_told_by_the_cache_whatever_its_keyword(keyword):
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    cache = DynamicCache()
+    one_token = torch.tensor([[5]])
+    assert is_prompt_pass((), {"input_ids": one_token})
+    assert is_prompt_pass((), {"input_ids": one_token, keyword: cache})
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{cache_keyword(model): cache})
+    assert cache.get_seq_length() == 3
+    assert not is_prompt_pass((), {"input_ids": one_token, keyword: cache})
+    assert is_prompt_pass((), {"input_ids": torch.tensor([[8, 9]]), keyword: cache})  # a prompt continued
 
 
 def test_baked_weights_are_restored_after_an_exception(setup):
