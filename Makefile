@@ -28,13 +28,16 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 # `make clean test`: the whole suite on the new versions.
 lock: setup
 	$(BIN)/pip install --quiet --constraint $(LOCK) uv
-	@printf '%s\n' "# What \`make setup\` and CI install: pyproject.toml's dev extra resolved for every platform and Python." \
-	    "# Regenerate on purpose with \`make lock\`, then run \`make clean test\`; \`make check-deps\` compares it with .venv." \
-	    > $(LOCK).new
-	grep '^#' requirements/pins.in >> $(LOCK).new
 	$(BIN)/uv pip compile pyproject.toml requirements/pins.in --extra dev --universal --upgrade --no-progress --quiet \
-	    --custom-compile-command "make lock" --output-file - >> $(LOCK).new
-	mv $(LOCK).new $(LOCK)
+	    --no-header --output-file $(LOCK).body
+	@printf '%s\n' "# What \`make setup\` and CI install: pyproject.toml's dev extra and requirements/pins.in, resolved by" \
+	    "# uv pip compile --universal (every platform and Python). Move it on purpose with \`make lock\`, then run" \
+	    "# \`make clean test\`; \`make check-deps\` (run by \`make test\`) compares it with .venv." \
+	    "# torch: with no GPU, setup installs the locked torch first; on this machine kind pip takes the CPU wheel on" \
+	    "# disk, torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl (the pin ==2.13.0 admits its +cpu label)," \
+	    "# so the nvidia-* pins below install nothing; on a CUDA machine the same pin is PyPI's CUDA build." \
+	    | cat - $(LOCK).body > $(LOCK)
+	rm $(LOCK).body
 
 # One line, and a failure, when an installed version is not the locked one (a drifted or hand-upgraded venv).
 check-deps: setup
