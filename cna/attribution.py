@@ -41,7 +41,13 @@ from tqdm.auto import tqdm
 
 from cna.batching import last_token_index, length_sorted_batches, pad_batch, position_ids
 from cna.data import PromptSource, load_prompts, packaged_rows
-from cna.discovery import DISCOVERY_TOKEN_BUDGET, ActivationStatistics, NeuronScores, contrastive_scores
+from cna.discovery import (
+    DISCOVERY_TOKEN_BUDGET,
+    ActivationStatistics,
+    NeuronScores,
+    columns_by_layer,
+    contrastive_scores,
+)
 from cna.errors import ConfigError
 from cna.hooks import attached, map_input
 from cna.models import ArchitectureAdapter
@@ -87,18 +93,14 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def collect_gradients(
-    adapter: ArchitectureAdapter,
-    prompts: Sequence[Sequence[int]],
-    metric: Metric,
-    *,
-    pad_token_id: int,
-    batch_size: int = 16,
-    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
-    progress: bool = True,
-    desc: str = "attribution",
-) -> GradientStatistics:
-    """Stream sum a x dM/da and sum dM/da over `prompts`, for every neuron at the last prompt token."""
+# (the batch's prompt indices, per layer the last-token activations [B, neurons] and dM/da [B, neurons]) -> None
+BatchGradients = Callable[[list[int], list[torch.Tensor], list[torch.Tensor]], None]
+
+
+def _gradient_pass(adapter: ArchitectureAdapter, prompts: Sequence[Sequence[int]], metric: Metric,
+                   consume: BatchGradients, *, pad_token_id: int, batch_size: int, max_batch_tokens: int | None,
+                   progress: bool, desc: str) -> None:
+    """One forward and backward pass per batch; `consume` gets each batch's last-token activations and gradients."""
     if not prompts:
         raise ConfigError(f"{desc}: the prompt set is empty")
     n_layers, width = adapter.n_layers, adapter.neurons_per_layer
@@ -121,8 +123,6 @@ def collect_gradients(
     batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
     # Gradients even when called under inference_mode (which enable_grad alone does not undo) or no_grad.
     with frozen_parameters(adapter.model), attached(hooks), torch.inference_mode(False), torch.enable_grad():
-        activation_gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)  # not inference tensors
-        gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             # Left padding puts every prompt's last token in the final column: one logit row each.
             ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, "left")
@@ -133,12 +133,67 @@ def collect_gradients(
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             # Rows are independent (attention masks), so the gradient of the sum is each prompt's own.
             gradients = torch.autograd.grad(metric(logits, rows).sum(), perturbations)
-            for layer, gradient in enumerate(gradients):
-                gradient = gradient.detach().double().cpu()
-                activation_gradient_sum[layer] += (values[layer].double().cpu() * gradient).sum(0)
-                gradient_sum[layer] += gradient.sum(0)
+            consume(list(rows), [value.detach().double().cpu() for value in values],
+                    [gradient.detach().double().cpu() for gradient in gradients])
             values[:] = perturbations[:] = [None] * n_layers
+
+
+def collect_gradients(
+    adapter: ArchitectureAdapter,
+    prompts: Sequence[Sequence[int]],
+    metric: Metric,
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
+    progress: bool = True,
+    desc: str = "attribution",
+) -> GradientStatistics:
+    """Stream sum a x dM/da and sum dM/da over `prompts`, for every neuron at the last prompt token."""
+    n_layers, width = adapter.n_layers, adapter.neurons_per_layer
+    with torch.inference_mode(False):  # not inference tensors, whatever mode the caller is in
+        activation_gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
+        gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
+
+    def add(_rows: list[int], values: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        for layer, (value, gradient) in enumerate(zip(values, gradients, strict=True)):
+            activation_gradient_sum[layer] += (value * gradient).sum(0)
+            gradient_sum[layer] += gradient.sum(0)
+
+    _gradient_pass(adapter, prompts, metric, add, pad_token_id=pad_token_id, batch_size=batch_size,
+                   max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
     return GradientStatistics(len(prompts), activation_gradient_sum, gradient_sum)
+
+
+def collect_prompt_gradients(
+    adapter: ArchitectureAdapter,
+    prompts: Sequence[Sequence[int]],
+    metric: Metric,
+    neurons: torch.Tensor,
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
+    progress: bool = True,
+    desc: str = "attribution per prompt",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """a x dM/da and dM/da of the chosen `neurons` (flat ids) for each prompt: two [prompts, neurons] float64
+    tensors whose column sums are `collect_gradients`' sums for those neurons (what resampling needs)."""
+    columns = columns_by_layer(neurons, adapter.neurons_per_layer)
+    with torch.inference_mode(False):
+        activation_gradient = torch.zeros(len(prompts), len(neurons), dtype=torch.float64)
+        gradient = torch.zeros(len(prompts), len(neurons), dtype=torch.float64)
+
+    def keep(rows: list[int], values: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
+        batch = torch.tensor(rows).unsqueeze(1)
+        for layer, (column, index) in columns.items():
+            slope = gradients[layer][:, index]
+            activation_gradient[batch, column] = values[layer][:, index] * slope
+            gradient[batch, column] = slope
+
+    _gradient_pass(adapter, prompts, metric, keep, pad_token_id=pad_token_id, batch_size=batch_size,
+                   max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+    return activation_gradient, gradient
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------

@@ -22,6 +22,15 @@ class Neuron:
     positive_mean: float
     negative_mean: float
     score: float | None = None  # the value it was ranked by (delta for the paper's score); None in older files
+    selection_frequency: float | None = None  # share of resampled discoveries choosing it (cna.stability)
+
+    def to_dict(self) -> dict:
+        """circuit.json's entry: `selection_frequency` only where stability was measured, so other files keep their
+        old form."""
+        fields = asdict(self)
+        if self.selection_frequency is None:
+            del fields["selection_frequency"]
+        return fields
 
     @property
     def key(self) -> tuple[int, int]:
@@ -40,6 +49,7 @@ class Circuit:
     prompts: dict = field(default_factory=dict)  # {"positive": n, "negative": n, "sha256": str}
     settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
     score: str = "delta"  # what neurons were ranked by: delta (the paper), projection, attribution, target
+    stability: dict = field(default_factory=dict)  # resampling summary (cna.stability.Stability.summary); {}: not run
 
     @property
     def k(self) -> int:
@@ -65,13 +75,14 @@ class Circuit:
             "score": self.score,
             "k": self.k,
             "k_fraction": self.k_fraction,
-            "neurons": [asdict(neuron) for neuron in self.neurons],
+            "neurons": [neuron.to_dict() for neuron in self.neurons],
             "universal_removed": self.universal_removed,
             "layer_counts": {str(layer): count for layer, count in self.layer_counts.items()},
             "n_layers": self.n_layers,
             "neurons_per_layer": self.neurons_per_layer,
             "prompts": self.prompts,
             "settings": self.settings,
+            **({"stability": self.stability} if self.stability else {}),
         }
 
     @classmethod
@@ -79,7 +90,8 @@ class Circuit:
         """From circuit.json; a file carrying only the contract's neuron fields (layer, index, delta) reads too."""
         neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("delta", 0.0)),
                           float(n.get("positive_mean", 0.0)), float(n.get("negative_mean", 0.0)),
-                          None if n.get("score") is None else float(n["score"]))
+                          None if n.get("score") is None else float(n["score"]),
+                          None if n.get("selection_frequency") is None else float(n["selection_frequency"]))
                    for n in data["neurons"]]
         n_layers = data.get("n_layers")
         if n_layers is None:
@@ -89,7 +101,7 @@ class Circuit:
                    k_fraction=float(data.get("k_fraction", 0.0)),
                    universal_removed=int(data.get("universal_removed", 0)),
                    prompts=data.get("prompts", {}), settings=data.get("settings", {}),
-                   score=str(data.get("score", "delta")))
+                   score=str(data.get("score", "delta")), stability=data.get("stability") or {})
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())

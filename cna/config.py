@@ -31,6 +31,7 @@ from cna.models import (
     read_model_shape,
     resolve_device,
 )
+from cna.stability import SUBSETS
 from cna.tracking import server_reachable
 
 HUB_ENDPOINT_ENV, DEFAULT_HUB_ENDPOINT = "HF_ENDPOINT", "https://huggingface.co"
@@ -236,6 +237,7 @@ def _validate_method(cfg: DictConfig) -> None:
         _choice(cfg, "method.sign", SIGNS)
         _choice(cfg, "method.mode", NEURON_MODES)
         _validate_score(cfg)
+        _validate_neuron_analysis(cfg)
         _fraction(cfg, "method.universal.top_fraction")
         _fraction(cfg, "method.universal.threshold")
         _validate_layer_range(cfg)
@@ -256,6 +258,27 @@ def _validate_score(cfg: DictConfig) -> None:
     if cfg.method.score == "attribution" and (not starts or not all(isinstance(s, str) and s for s in starts)):
         _fail("method.refusal_starts", "a non-empty list of response openings such as \"I'm sorry\"",
               OmegaConf.to_object(starts) if isinstance(starts, ListConfig) else starts)
+
+
+def _validate_neuron_analysis(cfg: DictConfig) -> None:
+    """method.stability (cna.stability) and method.cards (cna.neurons)."""
+    _count(cfg, "method.stability.resamples", allow_none=False)
+    _fraction(cfg, "method.stability.fraction")
+    _count(cfg, "method.stability.candidates", minimum=1)
+    _fraction(cfg, "method.stability.core_threshold")
+    _choice(cfg, "method.stability.steer", SUBSETS)
+    _count(cfg, "method.stability.seed", allow_none=False)
+    stability = cfg.method.stability
+    if stability.resamples and cfg.method.name != "cna":
+        _fail("method.stability.resamples", f"0 for method {cfg.method.name} (resampling repeats CNA's selection)",
+              stability.resamples)
+    if stability.steer != "full" and not stability.resamples:
+        _fail("method.stability.resamples", f"at least 1 for method.stability.steer={stability.steer}",
+              stability.resamples)
+    _choice(cfg, "method.cards.enabled", (True, False))
+    _count(cfg, "method.cards.tokens", allow_none=False, minimum=1)
+    _count(cfg, "method.cards.prompts", allow_none=False)
+    _choice(cfg, "method.cards.effect", ("auto", "none", *GRADIENT_SCORES))
 
 
 def _validate_layer_range(cfg: DictConfig) -> None:

@@ -21,7 +21,14 @@ import torch
 import transformers
 from omegaconf import DictConfig, OmegaConf
 
-from cna.attribution import GRADIENT_SCORES, GradientStatistics, collect_gradients, score_metric, score_neurons
+from cna.attribution import (
+    GRADIENT_SCORES,
+    GradientStatistics,
+    collect_gradients,
+    collect_prompt_gradients,
+    score_metric,
+    score_neurons,
+)
 from cna.cache import BaselineCache, StatisticsCache, statistics_key
 from cna.circuit import Circuit, ResidualDirection
 from cna.config import NEURON_METHODS, validate
@@ -36,7 +43,9 @@ from cna.data import (
 )
 from cna.discovery import (
     ActivationStatistics,
+    NeuronScores,
     collect_statistics,
+    eligible_ranking,
     layer_at_fraction,
     random_circuit,
     residual_direction,
@@ -54,6 +63,7 @@ from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
 from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector, baked_weights
 from cna.models import LoadedModel, ModelSpec, activation_identity, is_offloaded, is_quantized_module, load_model
+from cna.neurons import NeuronCard, eligible_ranks, neuron_cards, write_cards
 from cna.prefix import LayerPrefixReuse, PrefixStore, prefix_reuse
 from cna.report import run_plots
 from cna.run_folder import (
@@ -64,6 +74,15 @@ from cna.run_folder import (
     keep_finished_generations,
     previous_results,
     write_json_atomic,
+)
+from cna.stability import (
+    PromptValues,
+    candidate_neurons,
+    measure_stability,
+    prompt_values_key,
+    record_prompt_values,
+    subset_circuit,
+    with_frequencies,
 )
 from cna.tracking import Tracker, make_tracker
 
@@ -178,11 +197,16 @@ def _neuron_site(lm: LoadedModel) -> str:
     return f"{lm.adapter.model_type}:{lm.adapter.family.neuron_site}"
 
 
+def _statistics_key(cfg: DictConfig, lm: LoadedModel, encoded: list[list[int]], top_fraction: float | None = None,
+                    score: dict | None = None) -> str:
+    return statistics_key(model=activation_identity(lm), site=_neuron_site(lm), prompts=encoded,
+                          position=cfg.method.position, top_fraction=top_fraction, score=score)
+
+
 def _prompt_statistics(cfg: DictConfig, lm: LoadedModel, cache: StatisticsCache, prompts: list[str], desc: str,
                        top_fraction: float | None = None) -> ActivationStatistics:
     encoded = encode_prompts(lm.tokenizer, prompts, cfg.model.template)
-    key = statistics_key(model=activation_identity(lm), site=_neuron_site(lm), prompts=encoded,
-                         position=cfg.method.position, top_fraction=top_fraction)
+    key = _statistics_key(cfg, lm, encoded, top_fraction)
     return cache.get_or_compute(key, lambda: collect_statistics(
         lm.adapter, encoded, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
         max_batch_tokens=cfg.discovery_batch_tokens, position=cfg.method.position, top_fraction=top_fraction,
@@ -198,23 +222,54 @@ def universal_statistics(cfg: DictConfig, lm: LoadedModel, cache: StatisticsCach
     return _prompt_statistics(cfg, lm, cache, packaged_prompts("diverse"), "diverse", method.universal.top_fraction)
 
 
+def _gradient_metric(cfg: DictConfig, lm: LoadedModel, data: JobData, score: str):
+    """The behaviour metric M of a gradient score, and what identifies it (cna.attribution.score_metric)."""
+    sources = {side: _source(cfg.prompts[side]) for side in ("positive", "negative")}
+    return score_metric(score, lm.tokenizer, refusal_starts=list(cfg.method.refusal_starts), positive=data.positive,
+                        negative=data.negative, sources=sources)
+
+
+def gradient_statistics(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache,
+                        score: str) -> GradientStatistics:
+    """The positive set's gradient sums for a gradient score (cached: every job with that score shares them)."""
+    metric, metric_id = _gradient_metric(cfg, lm, data, score)
+    encoded = encode_prompts(lm.tokenizer, data.positive, cfg.model.template)
+    return cache.get_or_compute(_statistics_key(cfg, lm, encoded, score=metric_id), lambda: collect_gradients(
+        lm.adapter, encoded, metric, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
+        max_batch_tokens=cfg.discovery_batch_tokens, desc=score), load=GradientStatistics.load)
+
+
 def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache) -> Discovery:
-    template, method = cfg.model.template, cfg.method
-    neuron_method = method.name in NEURON_METHODS
+    method = cfg.method
     diverse = universal_statistics(cfg, lm, cache)
     gradients = None
-    if neuron_method and method.score in GRADIENT_SCORES:
-        sources = {side: _source(cfg.prompts[side]) for side in ("positive", "negative")}
-        metric, metric_id = score_metric(method.score, lm.tokenizer, refusal_starts=list(method.refusal_starts),
-                                         positive=data.positive, negative=data.negative, sources=sources)
-        encoded = encode_prompts(lm.tokenizer, data.positive, template)
-        key = statistics_key(model=activation_identity(lm), site=_neuron_site(lm), prompts=encoded,
-                             position=method.position, top_fraction=None, score=metric_id)
-        gradients = cache.get_or_compute(key, lambda: collect_gradients(
-            lm.adapter, encoded, metric, pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
-            max_batch_tokens=cfg.discovery_batch_tokens, desc=method.score), load=GradientStatistics.load)
+    if method.name in NEURON_METHODS and method.score in GRADIENT_SCORES:
+        gradients = gradient_statistics(cfg, lm, data, cache, method.score)
     return Discovery(_prompt_statistics(cfg, lm, cache, data.positive, "positive"),
                      _prompt_statistics(cfg, lm, cache, data.negative, "negative"), diverse, gradients)
+
+
+@dataclass
+class NeuronSelection:
+    """What a neuron circuit is chosen from: the scores, the universal neurons left out, the layer range."""
+
+    scores: NeuronScores
+    universal: torch.Tensor | None
+    layers: tuple[int, int] | None
+    requested: list | None  # method.layers as given
+    direction_layer: int
+
+
+def neuron_selection(cfg: DictConfig, lm: LoadedModel, found: Discovery) -> NeuronSelection:
+    method, adapter = cfg.method, lm.adapter
+    direction_layer = (method.direction_layer if method.direction_layer is not None
+                       else layer_at_fraction(adapter.n_layers, method.direction_layer_fraction))
+    scores = score_neurons(method.score, found.positive, found.negative, adapter, direction_layer=direction_layer,
+                           gradients=found.gradients)
+    universal = None if found.diverse is None else universal_neurons(found.diverse, method.universal.threshold)
+    requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
+    return NeuronSelection(scores, universal, resolve_layer_range(requested, adapter.n_layers), requested,
+                           direction_layer)
 
 
 def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobData,
@@ -225,24 +280,20 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
                "duplicates_removed": data.removed_duplicates,
                "in_sample": data.in_sample, "overlap": data.overlap}
     if method.name in NEURON_METHODS:
-        direction_layer = (method.direction_layer if method.direction_layer is not None
-                           else layer_at_fraction(adapter.n_layers, method.direction_layer_fraction))
-        scores = score_neurons(method.score, found.positive, found.negative, adapter, direction_layer=direction_layer,
-                               gradients=found.gradients)
-        universal = None if found.diverse is None else universal_neurons(found.diverse, method.universal.threshold)
-        requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
+        chosen = neuron_selection(cfg, lm, found)
+        universal = chosen.universal
         circuit = select_circuit(
-            scores, model=model_name, k_fraction=method.k_fraction, k=method.k, sign=method.sign,
-            layers=resolve_layer_range(requested, adapter.n_layers), universal=universal, prompts=prompts,
-            settings={"position": method.position, "mode": method.mode, "layers_requested": requested,
+            chosen.scores, model=model_name, k_fraction=method.k_fraction, k=method.k, sign=method.sign,
+            layers=chosen.layers, universal=universal, prompts=prompts,
+            settings={"position": method.position, "mode": method.mode, "layers_requested": chosen.requested,
                       "score": method.score,
-                      **({"direction_layer": direction_layer} if method.score == "projection" else {}),
+                      **({"direction_layer": chosen.direction_layer} if method.score == "projection" else {}),
                       **({"refusal_starts": list(method.refusal_starts)} if method.score == "attribution" else {}),
                       "universal_threshold": method.universal.threshold if universal is not None else None,
                       "universal_top_fraction": method.universal.top_fraction if universal is not None else None},
         )
         if method.name == "random":
-            circuit = random_circuit(circuit, scores, method.seed)
+            circuit = random_circuit(circuit, chosen.scores, method.seed)
         return NeuronScale(adapter, circuit, mode=method.mode, positions=method.positions), circuit
     layer = method.layer if method.layer is not None else layer_at_fraction(adapter.n_layers, method.layer_fraction)
     if not 0 <= layer < adapter.n_layers:
@@ -260,6 +311,88 @@ def discover_method(cfg: DictConfig, lm: LoadedModel, data: JobData,
                     cache: StatisticsCache) -> tuple[Intervention, Circuit | ResidualDirection]:
     """Statistics (cached) -> circuit or direction: the one discovery path of launch.py and `python -m cna discover`."""
     return build_method(cfg, lm, discover(cfg, lm, data, cache), data, cfg.model.name)
+
+
+# --- what the circuit's neurons are: stability (cna/stability.py) and neuron cards (cna/neurons.py) ---------------
+
+METRIC_NAMES = {"attribution": "the refusal log-odds at the first response token",
+                "target": "the target minus counterfactual logit"}
+
+
+def prompt_values(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsCache, neurons: torch.Tensor, *,
+                  score: str | None = None, residual_layer: int | None = None) -> PromptValues:
+    """Per-prompt values of `neurons` on both discovery sets, with the positive set's gradients for a gradient
+    `score` and the residuals at `residual_layer`; one pass, cached."""
+    encode = lambda prompts: encode_prompts(lm.tokenizer, prompts, cfg.model.template)  # noqa: E731
+    positive, negative = encode(data.positive), encode(data.negative)
+    metric, metric_id = _gradient_metric(cfg, lm, data, score) if score in GRADIENT_SCORES else (None, None)
+    key = prompt_values_key(_statistics_key(cfg, lm, positive), _statistics_key(cfg, lm, negative), neurons,
+                            score=metric_id, residual_layer=residual_layer)
+    common = dict(pad_token_id=lm.tokenizer.pad_token_id, batch_size=cfg.batch_size,
+                  max_batch_tokens=cfg.discovery_batch_tokens)
+
+    def record() -> PromptValues:
+        read = dict(position=cfg.method.position, residual_layer=residual_layer, **common)
+        positive_values, positive_residual = record_prompt_values(lm.adapter, positive, neurons, desc="positive "
+                                                                  "per prompt", **read)
+        negative_values, negative_residual = record_prompt_values(lm.adapter, negative, neurons, desc="negative "
+                                                                  "per prompt", **read)
+        activation_gradient = gradient = None
+        if metric is not None:
+            activation_gradient, gradient = collect_prompt_gradients(lm.adapter, positive, metric, neurons,
+                                                                     desc=f"{score} per prompt", **common)
+        return PromptValues(neurons, positive_values, negative_values, activation_gradient, gradient,
+                            positive_residual, negative_residual)
+
+    return cache.get_or_compute(key, record, load=PromptValues.load)
+
+
+def analyse_circuit(cfg: DictConfig, lm: LoadedModel, data: JobData, found: Discovery, circuit: Circuit,
+                    cache: StatisticsCache) -> tuple[Circuit, list[NeuronCard], dict]:
+    """method.stability (cna only): resampled discovery, each neuron's selection frequency, and the circuit to steer
+    (method.stability.steer: full, core or rest). method.cards: one card per neuron of that circuit.
+    Returns (circuit, cards, the cards page's header)."""
+    method, adapter = cfg.method, lm.adapter
+    chosen = neuron_selection(cfg, lm, found)
+    values = None
+    if method.name == "cna" and method.stability.resamples:
+        settings = method.stability
+        pool = candidate_neurons(chosen.scores, k=circuit.k, sign=method.sign, layers=chosen.layers,
+                                 universal=chosen.universal, count=settings.candidates)
+        projection = method.score == "projection"
+        values = prompt_values(cfg, lm, data, cache, pool, score=method.score,
+                               residual_layer=chosen.direction_layer if projection else None)
+        writes = None
+        if projection:
+            width = adapter.neurons_per_layer
+            writes = torch.stack([adapter.neuron_weights(int(f) // width)[int(f) % width].detach().double().cpu()
+                                  for f in pool])
+        stability = measure_stability(values, circuit, score=method.score, sign=method.sign,
+                                      resamples=settings.resamples, fraction=settings.fraction, seed=settings.seed,
+                                      core_threshold=settings.core_threshold, writes=writes)
+        circuit = subset_circuit(with_frequencies(circuit, stability), stability, settings.steer, settings.seed)
+    if not method.cards.enabled:
+        return circuit, [], {}
+    width = circuit.neurons_per_layer
+    flats = [n.layer * width + n.index for n in circuit.neurons]
+    if values is None or not values.covers(flats):
+        values = prompt_values(cfg, lm, data, cache, torch.tensor(flats))
+    effect = method.cards.effect
+    if effect == "auto":
+        effect = method.score if method.score in GRADIENT_SCORES else "none"
+    gradients = None
+    if effect != "none":
+        gradients = (found.gradients if effect == method.score and found.gradients is not None
+                     else gradient_statistics(cfg, lm, data, cache, effect))
+    ranking = eligible_ranking(chosen.scores.ranking, method.sign, chosen.layers, chosen.universal)
+    cards = neuron_cards(adapter, lm.tokenizer, circuit, values, positive=data.positive, negative=data.negative,
+                         ranks=eligible_ranks(ranking, width, [n.key for n in circuit.neurons]), gradients=gradients,
+                         negative_mean=chosen.scores.negative_mean, tokens=method.cards.tokens,
+                         prompts=method.cards.prompts)
+    header = {"model": circuit.model, "method": circuit.method, "score": circuit.score, "sign": method.sign,
+              "k": circuit.k, "metric": METRIC_NAMES.get(effect), "stability": circuit.stability,
+              "subset": circuit.settings.get("stability_subset", "full")}
+    return circuit, cards, header
 
 
 def model_spec(cfg: DictConfig) -> ModelSpec:
@@ -494,7 +627,17 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
         lm = load_model(model_spec(cfg))
     cache = StatisticsCache(cfg.cache_dir)
     with _timed(timings, "discovery"):
-        intervention, artifact = discover_method(cfg, lm, data, cache)
+        found = discover(cfg, lm, data, cache)
+        intervention, artifact = build_method(cfg, lm, found, data, model_name)
+    cards: list[NeuronCard] = []
+    if isinstance(artifact, Circuit):
+        with _timed(timings, "neuron_analysis"):
+            analysed, cards, header = analyse_circuit(cfg, lm, data, found, artifact, cache)
+        if [n.key for n in analysed.neurons] != [n.key for n in artifact.neurons]:  # a stability subset instead
+            intervention = NeuronScale(lm.adapter, analysed, mode=cfg.method.mode, positions=cfg.method.positions)
+        artifact = analysed
+        if cards:
+            write_cards(run_dir, cards, header)
     artifact.save(run_dir / CIRCUIT)
     done = {p["alpha"]: p for p in previous["points"]} if previous else {}
     finished_records = keep_finished_generations(run_dir, set(done))
@@ -508,6 +651,7 @@ def run(cfg: DictConfig, run_dir: str | Path, *, group: str | None = None) -> di
     tracker: Tracker = make_tracker(cfg, run_dir=run_dir, group=group)
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
+        tracker.log_neurons([card.table_row() for card in cards])
         tracker.log_generations(finished_records)
         unsteered = baseline_key(cfg, lm, data)
         with _timed(timings, "kl_reference"):

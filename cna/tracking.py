@@ -1,5 +1,6 @@
 """Weights & Biases for one job: the config, one history row per strength point (alpha is the x-axis), the
-circuit as an artifact, one table of every generation, plots, and the final results as the run summary.
+circuit as an artifact, a table of its neuron cards, one table of every generation, plots, and the final results as
+the run summary.
 
 W&B never fails a job. Every call into wandb is guarded: the first exception becomes one warning (through
 `logging`) and the tracker then does nothing for the rest of the job; the job's own files are unaffected.
@@ -49,6 +50,7 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 GENERATION_COLUMNS = ("alpha", "set", "prompt", "response", "refused", "quality")
 # The rows at alpha = 1 (full ablation) as a table of their own: W&B's table panels cannot filter rows.
 FULL_STRENGTH_TABLE = "generations_alpha_1"
+NEURON_TABLE = "neurons"  # the neuron cards, one row per circuit neuron (cna/neurons.py)
 PROBE_TIMEOUT_S = 3.0
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
 _WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
@@ -61,6 +63,9 @@ class Tracker:
 
     def log_circuit(self, path: Path) -> None:
         """Record circuit.json (an artifact of type "circuit")."""
+
+    def log_neurons(self, rows: list[dict]) -> None:
+        """Record the neuron cards (cna.neurons.NeuronCard.table_row, one flat row per neuron) as a table."""
 
     def log_point(self, point: dict) -> None:
         """Record one strength point (a results.json "points" entry)."""
@@ -182,6 +187,15 @@ class WandbTracker(Tracker):
             self.run.log_artifact(artifact)
             self.run.summary.update({f"circuit/{k}": v for k, v in content.items()
                                      if isinstance(v, Real) and not isinstance(v, bool)})
+
+    def log_neurons(self, rows: list[dict]) -> None:
+        if self.run is None or not rows:
+            return
+        with self._guard("logging the neuron table"):
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            self.run.summary[NEURON_TABLE] = self._wandb.Table(
+                columns=columns, data=[[row.get(column) for column in columns] for row in rows],
+                allow_mixed_types=True)
 
     def log_point(self, point: dict) -> None:
         if self.run is None:
