@@ -354,11 +354,10 @@ def analyse_circuit(cfg: DictConfig, lm: LoadedModel, data: JobData, found: Disc
     Returns (circuit, cards, the cards page's header)."""
     method, adapter = cfg.method, lm.adapter
     chosen = neuron_selection(cfg, lm, found)
-    values = None
-    if method.name == "cna" and method.stability.resamples:
-        settings = method.stability
-        pool = candidate_neurons(chosen.scores, k=circuit.k, sign=method.sign, layers=chosen.layers,
-                                 universal=chosen.universal, count=settings.candidates)
+    values, settings = None, method.stability
+    pool = candidate_neurons(chosen.scores, k=circuit.k, sign=method.sign, layers=chosen.layers,
+                             universal=chosen.universal, count=settings.candidates)
+    if method.name == "cna" and settings.resamples:
         projection = method.score == "projection"
         values = prompt_values(cfg, lm, data, cache, pool, score=method.score,
                                residual_layer=chosen.direction_layer if projection else None)
@@ -376,7 +375,9 @@ def analyse_circuit(cfg: DictConfig, lm: LoadedModel, data: JobData, found: Disc
     width = circuit.neurons_per_layer
     flats = [n.layer * width + n.index for n in circuit.neurons]
     if values is None or not values.covers(flats):
-        values = prompt_values(cfg, lm, data, cache, torch.tensor(flats))
+        # The pool, shared by a sweep over k; a random circuit's neurons mostly lie outside it.
+        recorded = pool if set(flats) <= set(pool.tolist()) else torch.tensor(flats)
+        values = prompt_values(cfg, lm, data, cache, recorded)
     effect = method.cards.effect
     if effect == "auto":
         effect = method.score if method.score in GRADIENT_SCORES else "none"

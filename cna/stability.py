@@ -49,7 +49,9 @@ from cna.hooks import attached, read_input, read_output
 from cna.models import ArchitectureAdapter
 
 SUBSETS = ("full", "core", "rest")  # what a job steers: the circuit, its stable core, or as many from the rest
-MIN_CANDIDATES, CANDIDATES_PER_K = 2000, 4  # the default pool: max(2000, 4k) of the full sets' best neurons
+# The default pool: the full sets' best max(4096, 4k) eligible neurons. Fixed below k = 1024, so a sweep over k shares
+# one recorded pool (the neuron cards read theirs from it too).
+MIN_CANDIDATES, CANDIDATES_PER_K = 4096, 4
 
 
 @dataclass
@@ -130,7 +132,7 @@ def record_prompt_values(
 
 def candidate_neurons(scores: NeuronScores, *, k: int, sign: str, layers: tuple[int, int] | None = None,
                       universal: torch.Tensor | None = None, count: int | None = None) -> torch.Tensor:
-    """The pool resampling chooses from: the full sets' best `count` eligible neurons (default max(2000, 4k)),
+    """The pool resampling chooses from: the full sets' best `count` eligible neurons (default max(4096, 4k)),
     flat ids in ranking order."""
     ranked = eligible_ranking(scores.ranking, sign, layers, universal)
     count = max(MIN_CANDIDATES, CANDIDATES_PER_K * k) if count is None else count
