@@ -79,6 +79,7 @@ from cna.stability import (
     PromptValues,
     candidate_neurons,
     measure_stability,
+    output_weights,
     prompt_values_key,
     record_prompt_values,
     subset_circuit,
@@ -323,8 +324,8 @@ def prompt_values(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: Statis
                   score: str | None = None, residual_layer: int | None = None) -> PromptValues:
     """Per-prompt values of `neurons` on both discovery sets, with the positive set's gradients for a gradient
     `score` and the residuals at `residual_layer`; one pass, cached."""
-    encode = lambda prompts: encode_prompts(lm.tokenizer, prompts, cfg.model.template)  # noqa: E731
-    positive, negative = encode(data.positive), encode(data.negative)
+    positive, negative = (encode_prompts(lm.tokenizer, prompts, cfg.model.template)
+                          for prompts in (data.positive, data.negative))
     metric, metric_id = _gradient_metric(cfg, lm, data, score) if score in GRADIENT_SCORES else (None, None)
     key = prompt_values_key(_statistics_key(cfg, lm, positive), _statistics_key(cfg, lm, negative), neurons,
                             score=metric_id, residual_layer=residual_layer)
@@ -333,10 +334,10 @@ def prompt_values(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: Statis
 
     def record() -> PromptValues:
         read = dict(position=cfg.method.position, residual_layer=residual_layer, **common)
-        positive_values, positive_residual = record_prompt_values(lm.adapter, positive, neurons, desc="positive "
-                                                                  "per prompt", **read)
-        negative_values, negative_residual = record_prompt_values(lm.adapter, negative, neurons, desc="negative "
-                                                                  "per prompt", **read)
+        positive_values, positive_residual = record_prompt_values(lm.adapter, positive, neurons,
+                                                                  desc="positive per prompt", **read)
+        negative_values, negative_residual = record_prompt_values(lm.adapter, negative, neurons,
+                                                                  desc="negative per prompt", **read)
         activation_gradient = gradient = None
         if metric is not None:
             activation_gradient, gradient = collect_prompt_gradients(lm.adapter, positive, metric, neurons,
@@ -361,14 +362,10 @@ def analyse_circuit(cfg: DictConfig, lm: LoadedModel, data: JobData, found: Disc
         projection = method.score == "projection"
         values = prompt_values(cfg, lm, data, cache, pool, score=method.score,
                                residual_layer=chosen.direction_layer if projection else None)
-        writes = None
-        if projection:
-            width = adapter.neurons_per_layer
-            writes = torch.stack([adapter.neuron_weights(int(f) // width)[int(f) % width].detach().double().cpu()
-                                  for f in pool])
         stability = measure_stability(values, circuit, score=method.score, sign=method.sign,
                                       resamples=settings.resamples, fraction=settings.fraction, seed=settings.seed,
-                                      core_threshold=settings.core_threshold, writes=writes)
+                                      core_threshold=settings.core_threshold,
+                                      writes=output_weights(adapter, pool) if projection else None)
         circuit = subset_circuit(with_frequencies(circuit, stability), stability, settings.steer, settings.seed)
     if not method.cards.enabled:
         return circuit, [], {}

@@ -141,6 +141,16 @@ def candidate_neurons(scores: NeuronScores, *, k: int, sign: str, layers: tuple[
     return ranked[:count]
 
 
+def output_weights(adapter: ArchitectureAdapter, neurons: torch.Tensor) -> torch.Tensor:
+    """[neurons, hidden] float64: what each neuron (flat id) writes, for projection resampling."""
+    width = adapter.neurons_per_layer
+    rows = torch.zeros(len(neurons), adapter.hidden_size, dtype=torch.float64)
+    for layer, (column, index) in columns_by_layer(neurons, width).items():
+        weights = adapter.neuron_weights(layer).detach()
+        rows[column] = weights[index.to(weights.device)].double().cpu()
+    return rows
+
+
 def prompt_values_key(positive_key: str, negative_key: str, neurons: torch.Tensor, *, score: dict | None,
                       residual_layer: int | None) -> str:
     """The statistics cache key of a PromptValues: both sets' statistics keys, the neurons, the gradient metric."""

@@ -19,6 +19,7 @@ from cna.stability import (
     Stability,
     candidate_neurons,
     measure_stability,
+    output_weights,
     record_prompt_values,
     resampled_scores,
     subset_circuit,
@@ -66,7 +67,8 @@ def test_a_resampled_score_is_discovery_run_on_the_subset(recorded, score):
     gradients = collect_gradients(adapter, subset_positive, metric, pad_token_id=0, batch_size=1, progress=False)
     fresh = score_neurons(score, _statistics(adapter, subset_positive, 1), _statistics(adapter, subset_negative, 1),
                           adapter, direction_layer=DIRECTION_LAYER, gradients=gradients).ranking.flatten()
-    writes = torch.cat([adapter.neuron_weights(layer).detach() for layer in range(adapter.n_layers)])
+    writes = output_weights(adapter, values.neurons)
+    assert torch.equal(writes[adapter.neurons_per_layer + 5], adapter.neuron_weights(1)[5].double())
     resampled = resampled_scores(values, score, positive_rows, negative_rows, writes)
     assert fresh.abs().max() > 0
     torch.testing.assert_close(resampled, fresh, rtol=1e-9, atol=1e-12)
