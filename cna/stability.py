@@ -48,7 +48,9 @@ from cna.errors import CnaError, ConfigError
 from cna.hooks import attached, read_input, read_output
 from cna.models import ArchitectureAdapter
 
-SUBSETS = ("full", "core", "rest")  # what a job steers: the circuit, its stable core, or as many from the rest
+# What a job steers: the circuit; its stable core; as many neurons as the core drawn from the rest (all of the rest
+# where it is smaller); or as many core neurons as `rest` steers, drawn from the core (equal sizes either way).
+SUBSETS = ("full", "core", "rest", "core_matched")
 # The default pool: the full sets' best max(4096, 4k) eligible neurons. Fixed below k = 1024, so a sweep over k shares
 # one recorded pool (the neuron cards read theirs from it too).
 MIN_CANDIDATES, CANDIDATES_PER_K = 4096, 4
@@ -320,7 +322,8 @@ def with_frequencies(circuit: Circuit, stability: Stability) -> Circuit:
 
 def subset_circuit(circuit: Circuit, stability: Stability, subset: str, seed: int = 0) -> Circuit:
     """`full`: the circuit; `core`: its stable core; `rest`: as many neurons as the core, drawn (seeded) from the
-    circuit's other neurons (all of them where there are fewer)."""
+    circuit's other neurons (all of them where there are fewer); `core_matched`: as many core neurons, drawn
+    (seeded), as `rest` steers, so a core and a rest of equal size compare where the rest is the smaller."""
     if subset not in SUBSETS:
         raise ConfigError(f"method.stability.steer: expected one of {', '.join(SUBSETS)}, got {subset!r}")
     if subset == "full":
@@ -329,16 +332,18 @@ def subset_circuit(circuit: Circuit, stability: Stability, subset: str, seed: in
     if not core:
         raise CnaError(f"method.stability.steer={subset}: the stable core is empty (no circuit neuron was chosen in "
                        f"{stability.core_threshold:.0%} of the resamples)")
+    rest = stability.rest
     if subset == "core":
         chosen = set(core)
     else:
-        rest = stability.rest
         if not rest:
-            raise CnaError("method.stability.steer=rest: every circuit neuron is in the stable core")
-        drawn = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:len(core)]
-        chosen = {rest[i] for i in drawn.tolist()}
+            raise CnaError(f"method.stability.steer={subset}: every circuit neuron is in the stable core")
+        source = rest if subset == "rest" else core
+        drawn = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))
+        chosen = {source[i] for i in drawn[:min(len(core), len(rest))].tolist()}
     neurons = [n for n in circuit.neurons if n.key in chosen]
     total = circuit.n_layers * circuit.neurons_per_layer
+    drawn_settings = {"subset_seed": seed, "core_size": len(core), "rest_size": len(rest)} if subset != "core" else {}
     return replace(circuit, neurons=neurons, k_fraction=len(neurons) / total,
                    settings={**circuit.settings, "stability_subset": subset, "subset_of_k": circuit.k,
-                             **({"subset_seed": seed, "subset_requested": len(core)} if subset == "rest" else {})})
+                             **drawn_settings})

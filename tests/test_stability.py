@@ -161,12 +161,24 @@ def test_the_core_and_the_rest_are_disjoint_subsets_of_the_circuit():
     assert subset_circuit(circuit, stability, "full") is circuit
 
 
-def test_a_short_rest_gives_all_it_has_and_an_empty_core_is_one_error():
-    circuit, stability = _stability([1.0, 1.0, 0.9, 0.2])
-    assert [n.key for n in subset_circuit(circuit, stability, "rest").neurons] == [(0, 3)]
+def test_a_short_rest_gives_all_it_has_and_core_matched_as_many_from_the_core():
+    circuit, stability = _stability([1.0, 1.0, 0.9, 0.2, 0.1])
+    rest = subset_circuit(circuit, stability, "rest")
+    assert [n.key for n in rest.neurons] == [(0, 3), (0, 4)]
+    assert (rest.settings["core_size"], rest.settings["rest_size"]) == (3, 2)
+    matched = {seed: [n.key for n in subset_circuit(circuit, stability, "core_matched", seed).neurons]
+               for seed in range(12)}
+    assert all(len(keys) == 2 and set(keys) <= {(0, 0), (0, 1), (0, 2)} for keys in matched.values())
+    assert len({tuple(keys) for keys in matched.values()}) == 3  # each pair of the three core neurons is drawn
+
+
+def test_an_empty_core_or_rest_is_one_error():
     circuit, stability = _stability([0.7, 0.2])
     with pytest.raises(CnaError, match="stable core is empty"):
         subset_circuit(circuit, stability, "core")
+    circuit, stability = _stability([0.9, 1.0])
+    with pytest.raises(CnaError, match="core_matched: every circuit neuron is in the stable core"):
+        subset_circuit(circuit, stability, "core_matched")
 
 
 def test_an_older_circuit_file_has_no_frequencies_and_is_written_back_as_it_was():
