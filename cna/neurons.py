@@ -34,7 +34,9 @@ NEURONS_PER_PRODUCT = 64  # neurons per unembedding product: bounds the [neurons
 NORM_TREATMENT = ("read straight through to the unembedding: each norm on the way (the block's output norm where the "
                   "family has one, then the final norm) applied as norm(w) - norm(0), i.e. its weight applied, a "
                   "LayerNorm's centring kept, no bias; the norm's 1/rms scale is one positive number per neuron, so it "
-                  "changes no token's rank; the rest of the residual is left out. Logits are per unit-rms write.")
+                  "changes no token's rank; the rest of the residual is left out. Logits are per unit-rms write, "
+                  "for a positive activation: a neuron that is negative on the positive prompts (see its means) "
+                  "pushes its suppressed tokens up there.")
 PROMPT_CHARACTERS = 90
 
 
