@@ -268,6 +268,7 @@ def _validate_neuron_analysis(cfg: DictConfig) -> None:
     _fraction(cfg, "method.stability.core_threshold")
     _choice(cfg, "method.stability.steer", SUBSETS)
     _count(cfg, "method.stability.seed", allow_none=False)
+    _count(cfg, "method.stability.subset_seed", allow_none=False)
     stability = cfg.method.stability
     if stability.resamples and cfg.method.name != "cna":
         _fail("method.stability.resamples", f"0 for method {cfg.method.name} (resampling repeats CNA's selection)",

@@ -366,7 +366,7 @@ def analyse_circuit(cfg: DictConfig, lm: LoadedModel, data: JobData, found: Disc
                                       resamples=settings.resamples, fraction=settings.fraction, seed=settings.seed,
                                       core_threshold=settings.core_threshold,
                                       writes=output_weights(adapter, pool) if projection else None)
-        circuit = subset_circuit(with_frequencies(circuit, stability), stability, settings.steer, settings.seed)
+        circuit = subset_circuit(with_frequencies(circuit, stability), stability, settings.steer, settings.subset_seed)
     if not method.cards.enabled:
         return circuit, [], {}
     width = circuit.neurons_per_layer
