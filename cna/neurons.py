@@ -143,9 +143,15 @@ def eligible_ranks(ranking: torch.Tensor, width: int, keys: Sequence[tuple[int, 
 # --- the page ---------------------------------------------------------------------------------------------------
 
 def _code(text: str) -> str:
-    """Token text as inline code that survives markdown tables: whitespace and pipes made visible."""
-    shown = json.dumps(text, ensure_ascii=False)[1:-1].replace("|", "\\|").replace("`", "'")
-    return f"`{shown}`" if shown.strip() else f"`{shown or '(empty)'}`"
+    """Token text as inline code, escapes made visible (a table cell escapes its pipes: `_cell`)."""
+    shown = json.dumps(text, ensure_ascii=False)[1:-1].replace("`", "'")
+    if not shown.strip():
+        shown = shown.replace(" ", "␣") or "(empty)"  # an all-space token would render as nothing
+    return f"`{shown}`"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
 
 
 def token_list(tokens: list[tuple[str, float]], values: bool = False) -> str:
@@ -173,8 +179,8 @@ def render_card(card: NeuronCard, metric: str | None) -> list[str]:
              f"| delta (positive mean - negative mean) | {_number(card.delta)} ({_number(card.positive_mean)} - "
              f"{_number(card.negative_mean)}) |",
              f"| selection frequency | {frequency} |",
-             f"| promotes | {token_list(card.promoted, values=True)} |",
-             f"| suppresses | {token_list(card.suppressed, values=True)} |"]
+             f"| promotes | {_cell(token_list(card.promoted, values=True))} |",
+             f"| suppresses | {_cell(token_list(card.suppressed, values=True))} |"]
     if metric is not None:
         lines.append(f"| effect on M, patched to the negative mean / ablated | {_number(card.effect_patched, '+.4g')}"
                      f" / {_number(card.effect_ablated, '+.4g')} |")

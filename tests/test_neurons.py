@@ -138,3 +138,15 @@ def test_a_norm_treats_the_write_as_documented(family):
         assert not torch.allclose(after, before, rtol=1e-3, atol=1e-4)
     else:
         torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_token_text_is_escaped_once_in_a_card_and_once_in_the_report(tmp_path):
+    from cna.neurons import NeuronCard, render_card
+    from cna.report.summary import _table
+
+    card = NeuronCard(3, 7, 1, 0.5, 0.5, 0.6, 0.1, None, [("a|b", 2.0), (" ", 1.0), ("\n", 0.5)], [("`x`", -1.0)])
+    table_rows = [line for line in render_card(card, None) if line.startswith("| promotes")]
+    assert table_rows == ["| promotes | `a\\|b` (+2.00), `␣` (+1.00), `\\n` (+0.50) |"]
+    assert "`'x'` (-1.00)" in "\n".join(render_card(card, None))
+    assert card.table_row()["promoted"] == "`a|b`, `␣`, `\\n`"  # W&B: no markdown escapes
+    assert _table(["promotes"], [[card.table_row()["promoted"]]])[2] == "| `a\\|b`, `␣`, `\\n` |"
