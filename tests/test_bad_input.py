@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_config import composed
-from test_pipeline import small_job
+from test_pipeline import run, small_job
 
 from cna.cache import StatisticsCache
 from cna.circuit import Circuit
@@ -24,7 +24,7 @@ from cna.config import validate
 from cna.discovery import ActivationStatistics
 from cna.errors import CnaError, ConfigError
 from cna.models import ModelSpec, resolve_source
-from cna.pipeline import load_job_data, run
+from cna.pipeline import prepare_data
 from cna.run_folder import GENERATIONS, RESULTS
 from conftest import data_dir
 
@@ -78,7 +78,7 @@ def test_a_broken_discovery_file_is_one_line_naming_it(tmp_path, suffix, content
     path.write_bytes(content)
     cfg = composed(f"data_dir={data_dir()}", f"prompts.positive.path={path}", "prompts.positive.column=prompt")
     with pytest.raises(ConfigError) as error:
-        load_job_data(cfg)
+        prepare_data(cfg)
     assert one_line(error).startswith(f"prompt file '{path}' {message}")
 
 
@@ -94,7 +94,7 @@ def test_an_evaluation_csv_with_a_header_and_no_rows_says_so(tmp_path):
     cfg = composed(f"data_dir={data_dir()}", f"eval.refusal.source.path={tmp_path / 'empty.csv'}",
                    "eval.refusal.source.hub=null", "eval.refusal.n=4")
     with pytest.raises(ConfigError) as error:
-        load_job_data(cfg)
+        prepare_data(cfg)
     assert one_line(error) == f"eval.refusal.source: '{tmp_path / 'empty.csv'}' has no rows (expected at least " \
                               "eval.refusal.n = 4)"
 
