@@ -36,6 +36,7 @@ class CaaConfig:
 class CaaMethod(SteeringMethod):
     name = "caa"
     config_type = CaaConfig
+    order = 20
     colour = "#d62728"
     marker = "s"
 

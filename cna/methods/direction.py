@@ -32,6 +32,7 @@ class DirectionConfig:
 class DirectionMethod(CaaMethod):
     name = "direction"
     config_type = DirectionConfig
+    order = 30
     colour = "#2ca02c"
     marker = "^"
 
