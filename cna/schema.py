@@ -62,8 +62,8 @@ def check_settings(settings: Any, path: str = "", *, skip: tuple[str, ...] = ())
             continue
         value, key = getattr(settings, spec.name), f"{path}.{spec.name}" if path else spec.name
         if "choices" in spec.metadata and value not in spec.metadata["choices"]:
-            shown = ", ".join("null" if c is None else str(c) for c in spec.metadata["choices"])
-            raise ConfigError(f"{key}: expected one of {shown}, got {shown(value)}")
+            choices = ", ".join("null" if c is None else str(c) for c in spec.metadata["choices"])
+            raise ConfigError(f"{key}: expected one of {choices}, got {shown(value)}")
         if "range" in spec.metadata and value is not None and not _in_range(value, *spec.metadata["range"]):
             raise ConfigError(f"{key}: expected {_describe_range(*spec.metadata['range'])}, got {shown(value)}")
         check_settings(value, key)
