@@ -179,7 +179,7 @@ def test_the_multiplier_sweep_asks_the_packaged_probes():
 
 
 @pytest.mark.parametrize("experiment", ["cna_vs_caa", "mmlu_vs_alpha", "localization", "overlap", "knob_sweep",
-                                        "recipe_search"])
+                                        "recipe_search", "base_vs_aligned"])
 def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
