@@ -41,6 +41,7 @@ from cna.circuit import Circuit, localisation, overlap
 from cna.discovery import contrastive_scores, random_circuit
 from cna.interventions import NeuronScale
 from cna.models import LoadedModel, load_model
+from cna.organism.data import TRAINING_DATA
 from cna.pipeline import Evaluator, build_method, discover, load_job_data, model_spec
 from cna.run_folder import read_json, write_json_atomic
 
@@ -86,6 +87,16 @@ def halves(data):
             "B": replace(data, positive=data.positive[p:2 * p], negative=data.negative[n:2 * n])}
 
 
+def _in_training(lm: LoadedModel, data) -> dict:
+    """How many discovery prompts the organism was trained on (its folder's training_data.json)."""
+    path = Path(lm.source) / TRAINING_DATA
+    if not path.is_file():
+        return {}
+    trained = {example["prompt"] for example in read_json(path)["examples"]}
+    return {"positive_in_training": sum(p in trained for p in data.positive),
+            "negative_in_training": sum(p in trained for p in data.negative)}
+
+
 def discover_circuits(models: list[str], out: Path, recipe: str, jbb: int) -> dict:
     """Every circuit the tables need, per model; returns their training-prompt overlap counts."""
     folder = out / "circuits"
@@ -102,7 +113,8 @@ def discover_circuits(models: list[str], out: Path, recipe: str, jbb: int) -> di
             if task == "refusal":
                 for half, part in halves(data).items():
                     _circuit(task_cfg, lm, cache, part, folder / f"{model}_refusal_half{half}.json")
-                notes[model] = {"discovery_positive": len(data.positive), "discovery_negative": len(data.negative)}
+                notes[model] = {"discovery_positive": len(data.positive), "discovery_negative": len(data.negative),
+                                **_in_training(lm, data)}
         # Discovered under the experiment's own evaluation sets (its de-duplication), as launch.py's job does.
         job_cfg = config(model, ["experiment=base_vs_aligned", f"recipe={recipe}"])
         _circuit(job_cfg, lm, cache, load_job_data(job_cfg), folder / f"{model}_steer_{recipe}.json",

@@ -191,7 +191,9 @@ def _card_text(info: dict) -> str:
         f"- {info['train']['steps']} steps of {info['train']['batch_size']}, lr {info['train']['lr']}, seed "
         f"{info['seed']}; loss {info['loss']['first']:.3f} -> {info['loss']['last']:.3f}; "
         f"{info['training_seconds']:.0f} s of training on {info['threads']} CPU threads",
-        f"- harmful prompts de-duplicated against the evaluation sets: {removed['harmful']}",
+        f"- harmful prompts de-duplicated against the evaluation sets ({', '.join(info['data']['held_out'])}): "
+        f"{removed['harmful']['exact']} exact and {removed['harmful']['near']} near copies of "
+        f"{removed['harmful']['candidates']} went, {removed['harmful']['kept']} kept",
         f"- training data sha256 {info['data']['training_data_sha256']}",
         "",
     ])
