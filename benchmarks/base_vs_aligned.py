@@ -97,7 +97,7 @@ def _in_training(lm: LoadedModel, data) -> dict:
             "negative_in_training": sum(p in trained for p in data.negative)}
 
 
-def discover_circuits(models: list[str], out: Path, recipe: str, jbb: int) -> dict:
+def discover_circuits(models: list[str], out: Path, recipe: str) -> dict:
     """Every circuit the tables need, per model; returns their training-prompt overlap counts."""
     folder = out / "circuits"
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,13 +186,39 @@ def steer(models: list[str], out: Path, recipe: str, jbb: int) -> list[dict]:
     return rows
 
 
+def behaviour_table(folder: Path | None) -> list[dict]:
+    """The unsteered point of each job of `launch.py experiment=base_vs_aligned` under `folder`."""
+    rows = []
+    for path in sorted(folder.glob("*/results.json")) if folder else []:
+        results = read_json(path)
+        if results.get("status") != "complete":
+            continue
+        point = results["points"][0]
+        sets = {**point.get("over_refusal", {}), **point.get("generalisation", {})}
+        rows.append({"model": results["model"], "jbb": (point["refusal_rate"], point["refusal_ci95"]),
+                     **{name: (sets[name]["rate"], sets[name]["ci95"]) for name in ("advbench", "xstest_safe")
+                        if name in sets},
+                     "quality": point["quality"], "mmlu": (point["mmlu_accuracy"], point["mmlu_ci95"])})
+    return rows
+
+
+def _rate(value) -> str:
+    return "-" if value is None else f"{value[0]:.2f} [{value[1][0]:.2f}, {value[1][1]:.2f}]"
+
+
 def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def summary(localised: list[dict], overlaps: list[dict], steered: list[dict], recipe: str) -> str:
+def summary(behaviour: list[dict], localised: list[dict], overlaps: list[dict], steered: list[dict],
+            recipe: str) -> str:
     lines = ["# Base against aligned on a model organism (benchmarks/base_vs_aligned.py)", "",
-             "## Localisation of the top 200 by |delta| (no universal filter)", "",
+             "## Behaviour, unsteered (launch.py experiment=base_vs_aligned)", "",
+             "| model | JBB refusal | AdvBench refusal | XSTest safe refused | quality (JBB) | MMLU |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_rate(r['jbb'])} | {_rate(r.get('advbench'))} | {_rate(r.get('xstest_safe'))} | "
+              f"{r['quality']:.3f} | {_rate(r['mmlu'])} |" for r in behaviour]
+    lines += ["", "## Localisation of the top 200 by |delta| (no universal filter)", "",
              "| model | task | final 3 layers | final quarter | most populated layers |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['task']} | {_pct(r['final_3_layers'])} | {_pct(r['final_quarter'])} | "
               + ", ".join(f"L{layer} {count}" for layer, count in r["layers_most"]) + " |" for r in localised]
@@ -227,9 +253,10 @@ def main() -> None:
     parser.add_argument("--steer-models", nargs="+", default=["before", "after"], choices=list(MODELS))
     parser.add_argument("--recipe", default="paper", help="conf/recipe of the steering circuits")
     parser.add_argument("--jbb", type=int, default=100, help="JBB goals per steered point")
+    parser.add_argument("--behaviour", type=Path, help="the hydra.sweep.dir of launch.py experiment=base_vs_aligned")
     args = parser.parse_args()
     started = time.perf_counter()
-    notes = discover_circuits(args.models, args.out, args.recipe, args.jbb)
+    notes = discover_circuits(args.models, args.out, args.recipe)
     localised, overlaps = localisation_table(args.models, args.out), overlap_table(args.models, args.out)
     steered = steer(args.steer_models, args.out, args.recipe, args.jbb)
     with (args.out / "generations.jsonl").open("w") as handle:
@@ -237,11 +264,12 @@ def main() -> None:
             for record in row["records"]:
                 handle.write(json.dumps({"model": row["model"], "circuit": row["circuit"],
                                          "multiplier": row["multiplier"], **record}) + "\n")
+    behaviour = behaviour_table(args.behaviour)
     write_json_atomic(args.out / "results.json", {
-        "localisation": localised, "overlap": overlaps, "discovery": notes, "recipe": args.recipe,
-        "steering": [{k: v for k, v in row.items() if k != "records"} for row in steered],
+        "behaviour": behaviour, "localisation": localised, "overlap": overlaps, "discovery": notes,
+        "recipe": args.recipe, "steering": [{k: v for k, v in row.items() if k != "records"} for row in steered],
         "seconds": round(time.perf_counter() - started, 1)})
-    (args.out / "summary.md").write_text(summary(localised, overlaps, steered, args.recipe))
+    (args.out / "summary.md").write_text(summary(behaviour, localised, overlaps, steered, args.recipe))
     print(args.out / "summary.md")
 
 
