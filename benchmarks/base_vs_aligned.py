@@ -13,6 +13,8 @@ every steered point from its `Evaluator`. Models (conf/model): smollm2_135m (bef
 
 - localisation: the top 200 by |delta|, no universal filter (experiment=localization), for refusal, capitals and
   subject-verb agreement, each model: share in the final 3 layers and in the final quarter (paper tables 6-7).
+- contrast change: the top 200 neurons by |delta(organism) - delta(before)|: where the fine-tune moved the
+  harmful-vs-harmless contrast (for the control organism: in its LoRA layers, or downstream?).
 - overlap: the refusal top-200 circuits of every pair of models (paper table 8), against the noise floor: two
   circuits of one model from disjoint halves of the discovery prompts (64 + 64 each); the cross-model overlap at
   the same half size is the like-for-like comparison.
@@ -38,7 +40,7 @@ from omegaconf import DictConfig
 
 from cna.cache import StatisticsCache
 from cna.circuit import Circuit, localisation, overlap
-from cna.discovery import contrastive_scores, random_circuit
+from cna.discovery import NeuronScores, contrastive_scores, random_circuit, select_circuit
 from cna.interventions import NeuronScale
 from cna.models import LoadedModel, load_model
 from cna.organism.data import TRAINING_DATA
@@ -156,6 +158,31 @@ def overlap_table(models: list[str], out: Path) -> list[dict]:
     return rows
 
 
+def contrast_change(models: list[str], out: Path) -> list[dict]:
+    """Where each fine-tune moved the harmful-vs-harmless contrast: the top 200 neurons by |delta(model) -
+    delta(before)| on the same refusal discovery prompts (statistics from the cache the circuits filled)."""
+    deltas = {}
+    for model in models:
+        cfg = localisation_config(model, "refusal")
+        found = discover(cfg, load_model(model_spec(cfg)), load_job_data(cfg), StatisticsCache(cfg.cache_dir))
+        deltas[model] = contrastive_scores(found.positive, found.negative).delta
+    rows = []
+    for model in models:
+        if model == "before" or "before" not in deltas:
+            continue
+        change = NeuronScores(deltas[model] - deltas["before"], deltas[model], deltas["before"])
+        circuit = select_circuit(change, model=f"{model} - before", k=200, sign="abs")
+        circuit.save(out / "circuits" / f"{model}_refusal_change.json")
+        half = circuit.n_layers // 2
+        per_layer = (deltas[model] - deltas["before"]).abs().sum(1)
+        rows.append({"model": model, **localisation(circuit, 200),
+                     "first_half": sum(n.layer < half for n in circuit.neurons) / circuit.k,
+                     "change_mass_first_half": float(per_layer[:half].sum() / per_layer.sum()),
+                     "layers_most": sorted(((layer, count) for layer, count in circuit.layer_counts.items() if count),
+                                           key=lambda item: -item[1])[:3]})
+    return rows
+
+
 def steer(models: list[str], out: Path, recipe: str, jbb: int) -> list[dict]:
     """Each model steered by every model's circuit and its random control, at each multiplier."""
     folder = out / "steering"
@@ -210,8 +237,8 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def summary(behaviour: list[dict], localised: list[dict], overlaps: list[dict], steered: list[dict],
-            recipe: str) -> str:
+def summary(behaviour: list[dict], localised: list[dict], overlaps: list[dict], changes: list[dict],
+            steered: list[dict], recipe: str) -> str:
     lines = ["# Base against aligned on a model organism (benchmarks/base_vs_aligned.py)", "",
              "## Behaviour, unsteered (launch.py experiment=base_vs_aligned)", "",
              "| model | JBB refusal | AdvBench refusal | XSTest safe refused | quality (JBB) | MMLU |",
@@ -225,6 +252,12 @@ def summary(behaviour: list[dict], localised: list[dict], overlaps: list[dict], 
     lines += ["", "## Overlap of top-200 circuits", "", "| circuit A | circuit B | comparison | shared | share |",
               "|---|---|---|---|---|"]
     lines += [f"| {r['a']} | {r['b']} | {r['kind']} | {r['shared']} / 200 | {_pct(r['share'])} |" for r in overlaps]
+    lines += ["", "## Where the fine-tune moved the contrast: top 200 by |delta(model) - delta(before)|", "",
+              "| model | final 3 layers | final quarter | first half | share of total change in the first half | "
+              "most populated layers |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {_pct(r['final_3_layers'])} | {_pct(r['final_quarter'])} | {_pct(r['first_half'])} | "
+              f"{_pct(r['change_mass_first_half'])} | "
+              + ", ".join(f"L{layer} {count}" for layer, count in r["layers_most"]) + " |" for r in changes]
     lines += ["", f"## Steering with each model's circuit (recipe {recipe}) and random controls", "",
               "| model | circuit | k | m | JBB refusal [95% CI] | probes refused | quality | KL |",
               "|---|---|---|---|---|---|---|---|"]
@@ -258,6 +291,7 @@ def main() -> None:
     started = time.perf_counter()
     notes = discover_circuits(args.models, args.out, args.recipe)
     localised, overlaps = localisation_table(args.models, args.out), overlap_table(args.models, args.out)
+    changes = contrast_change(args.models, args.out)
     steered = steer(args.steer_models, args.out, args.recipe, args.jbb)
     with (args.out / "generations.jsonl").open("w") as handle:
         for row in steered:
@@ -266,10 +300,11 @@ def main() -> None:
                                          "multiplier": row["multiplier"], **record}) + "\n")
     behaviour = behaviour_table(args.behaviour)
     write_json_atomic(args.out / "results.json", {
-        "behaviour": behaviour, "localisation": localised, "overlap": overlaps, "discovery": notes,
-        "recipe": args.recipe, "steering": [{k: v for k, v in row.items() if k != "records"} for row in steered],
+        "behaviour": behaviour, "localisation": localised, "overlap": overlaps, "contrast_change": changes,
+        "discovery": notes, "recipe": args.recipe,
+        "steering": [{k: v for k, v in row.items() if k != "records"} for row in steered],
         "seconds": round(time.perf_counter() - started, 1)})
-    (args.out / "summary.md").write_text(summary(behaviour, localised, overlaps, steered, args.recipe))
+    (args.out / "summary.md").write_text(summary(behaviour, localised, overlaps, changes, steered, args.recipe))
     print(args.out / "summary.md")
 
 
