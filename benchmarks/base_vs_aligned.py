@@ -230,7 +230,7 @@ def behaviour_table(folder: Path | None) -> list[dict]:
 
 
 def _rate(value) -> str:
-    return "-" if value is None else f"{value[0]:.2f} [{value[1][0]:.2f}, {value[1][1]:.2f}]"
+    return "-" if value is None or value[0] is None else f"{value[0]:.2f} [{value[1][0]:.2f}, {value[1][1]:.2f}]"
 
 
 def _pct(value: float) -> str:
