@@ -213,10 +213,10 @@ def steer(models: list[str], out: Path, recipe: str, jbb: int) -> list[dict]:
     return rows
 
 
-def behaviour_table(folder: Path | None) -> list[dict]:
-    """The unsteered point of each job of `launch.py experiment=base_vs_aligned` under `folder`."""
+def behaviour_table(folders: list[Path]) -> list[dict]:
+    """The unsteered point of each job of `launch.py experiment=base_vs_aligned` under these sweep folders."""
     rows = []
-    for path in sorted(folder.glob("*/results.json")) if folder else []:
+    for path in sorted({p.resolve() for folder in folders for p in folder.glob("*/results.json")}):
         results = read_json(path)
         if results.get("status") != "complete":
             continue
@@ -286,7 +286,8 @@ def main() -> None:
     parser.add_argument("--steer-models", nargs="+", default=["before", "after"], choices=list(MODELS))
     parser.add_argument("--recipe", default="paper", help="conf/recipe of the steering circuits")
     parser.add_argument("--jbb", type=int, default=100, help="JBB goals per steered point")
-    parser.add_argument("--behaviour", type=Path, help="the hydra.sweep.dir of launch.py experiment=base_vs_aligned")
+    parser.add_argument("--behaviour", type=Path, nargs="*", default=[],
+                        help="the hydra.sweep.dir(s) of launch.py experiment=base_vs_aligned")
     args = parser.parse_args()
     started = time.perf_counter()
     notes = discover_circuits(args.models, args.out, args.recipe)
