@@ -25,8 +25,8 @@ import torch
 
 from cna.attribution import GradientStatistics
 from cna.circuit import Circuit
+from cna.io import read_json, write_json_atomic, write_text_atomic
 from cna.models import ArchitectureAdapter
-from cna.run_folder import read_json, write_json_atomic, write_text_atomic
 from cna.stability import PromptValues
 
 CARDS_JSON, CARDS_MD = "neurons.json", "neurons.md"

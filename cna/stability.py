@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from statistics import pstdev
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from cna.attribution import collect_prompt_gradients
 from cna.batching import last_token_index, length_sorted_batches, pad_batch, position_ids
+from cna.cache import statistics_key
 from cna.circuit import Circuit
 from cna.discovery import (
     DISCOVERY_TOKEN_BUDGET,
@@ -47,6 +50,9 @@ from cna.discovery import (
 from cna.errors import CnaError, ConfigError
 from cna.hooks import attached, read_input, read_output
 from cna.models import ArchitectureAdapter
+
+if TYPE_CHECKING:
+    from cna.methods.base import DiscoverySets, Statistics
 
 # What a job steers: the circuit; its stable core; as many neurons as the core drawn from the rest (all of the rest
 # where it is smaller); or as many core neurons as `rest` steers, drawn from the core (equal sizes either way).
@@ -161,6 +167,35 @@ def prompt_values_key(positive_key: str, negative_key: str, neurons: torch.Tenso
     return "values-" + hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
+def prompt_values(statistics: Statistics, sets: DiscoverySets, neurons: torch.Tensor, *, position: str = "last",
+                  metric: Callable | None = None, metric_id: dict | None = None,
+                  residual_layer: int | None = None) -> PromptValues:
+    """Per-prompt values of `neurons` on both discovery sets, with the positive set's gradients of a gradient score's
+    `metric` and the residuals at `residual_layer`: one pass, cached with the job's discovery statistics."""
+    positive, negative = statistics.encode(sets.positive), statistics.encode(sets.negative)
+    keys = (statistics_key(model=statistics.identity, site=statistics.site, prompts=encoded, position=position,
+                           top_fraction=None) for encoded in (positive, negative))
+    key = prompt_values_key(*keys, neurons, score=metric_id, residual_layer=residual_layer)
+    common = dict(pad_token_id=statistics.tokenizer.pad_token_id, batch_size=statistics.batch_size,
+                  max_batch_tokens=statistics.max_batch_tokens, progress=statistics.progress)
+
+    def record() -> PromptValues:
+        read = dict(position=position, residual_layer=residual_layer, **common)
+        positive_values, positive_residual = record_prompt_values(statistics.adapter, positive, neurons,
+                                                                  desc="positive per prompt", **read)
+        negative_values, negative_residual = record_prompt_values(statistics.adapter, negative, neurons,
+                                                                  desc="negative per prompt", **read)
+        activation_gradient = gradient = None
+        if metric is not None:
+            activation_gradient, gradient = collect_prompt_gradients(
+                statistics.adapter, positive, metric, neurons, desc=f"{metric_id.get('score', 'gradients')} per prompt",
+                **common)
+        return PromptValues(neurons, positive_values, negative_values, activation_gradient, gradient,
+                            positive_residual, negative_residual)
+
+    return statistics.cache.get_or_compute(key, record, load=PromptValues.load)
+
+
 def resampled_scores(values: PromptValues, score: str, positive_rows: torch.Tensor, negative_rows: torch.Tensor,
                      writes: torch.Tensor | None = None) -> torch.Tensor:
     """[C] float64: the `score` of every recorded neuron from the chosen prompts only (exact; module docstring).
@@ -254,7 +289,7 @@ class Stability:
         return {
             "resamples": len(self.membership), "fraction": self.fraction,
             "positive_per_resample": self.sizes[0], "negative_per_resample": self.sizes[1],
-            "jaccard_mean": _mean(pairs), "jaccard_sd": statistics.pstdev(pairs) if len(pairs) > 1 else 0.0,
+            "jaccard_mean": _mean(pairs), "jaccard_sd": pstdev(pairs) if len(pairs) > 1 else 0.0,
             "jaccard_min": min(pairs, default=None), "jaccard_max": max(pairs, default=None),
             "jaccard_to_full_mean": _mean(to_full),
             "halves_jaccard": _jaccard(*self.halves),

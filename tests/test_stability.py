@@ -5,14 +5,13 @@ import json
 
 import pytest
 import torch
-from test_pipeline import small_job
+from test_pipeline import run, small_job
 
 from cna.attribution import collect_gradients, collect_prompt_gradients, refusal_log_odds, score_neurons
 from cna.circuit import Circuit, Neuron
 from cna.discovery import collect_statistics, select_circuit
 from cna.errors import CnaError
 from cna.models import ArchitectureAdapter
-from cna.pipeline import run
 from cna.run_folder import CIRCUIT, RESULTS
 from cna.stability import (
     PromptValues,
@@ -200,7 +199,7 @@ def test_a_job_records_frequencies_and_steers_its_core_then_its_rest(tiny_folder
     assert saved["k"] == stability["core_size"] >= 1 and saved["settings"]["stability_subset"] == "core"
     assert [[n["layer"], n["index"]] for n in saved["neurons"]] == stability["core"]
     assert all(n["selection_frequency"] >= 0.8 for n in saved["neurons"])
-    assert "neuron_analysis" in core["timings_s"]
+    assert "neuron_cards" in core["timings_s"]
     cards = json.loads((tmp_path / "core" / "neurons.json").read_text())["cards"]
     assert [(c["layer"], c["index"]) for c in cards] == [(n["layer"], n["index"]) for n in saved["neurons"]]
     misses = core["cache"]["misses"]
