@@ -29,6 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
@@ -100,7 +101,7 @@ class Intervention(ABC):
             prefill["now"] = is_prompt_pass(args, kwargs)
 
         want_prefill = self.positions == "prompt"
-        gated = [Hook(h.module, _gate(h.fn, lambda: prefill["now"] == want_prefill), h.pre, h.with_kwargs)
+        gated = [replace(h, fn=_gate(h.fn, lambda: prefill["now"] == want_prefill))
                  for h in hooks]
         with attached([Hook(self.adapter.model, note_pass, pre=True, with_kwargs=True), *gated]):
             yield
