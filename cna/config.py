@@ -24,6 +24,7 @@ from cna.models import (
     DTYPES,
     MODEL_CACHE_ENV,
     QUANTIZATIONS,
+    ModelShape,
     ModelSpec,
     local_config,
     model_cache,
@@ -49,7 +50,7 @@ class ModelConfig(ModelSpec):
 
 ConfigStore.instance().store(group="model", name="_schema", node=ModelConfig)
 
-METHODS = ("cna", "caa", "direction", "random")
+METHODS = ("cna", "caa", "direction", "random", "router")
 NEURON_METHODS = ("cna", "random")
 # What a hyper-parameter sweeper may minimise (cfg.search), and the evaluator each one needs.
 SEARCH_METRICS = {"refusal_rate": "eval.refusal.n", "kl_divergence": "eval.kl.n",
@@ -180,7 +181,7 @@ def _validate_model(cfg: DictConfig) -> None:
         return  # the depth and width checks run once the model has loaded
     shape = read_model_shape(config)
     if shape is not None:
-        _validate_model_shape(cfg, shape.n_layers, shape.neurons_per_layer)
+        _validate_model_shape(cfg, shape)
 
 
 def _require_hub(cfg: DictConfig) -> None:
@@ -206,21 +207,29 @@ def _offline() -> bool:
                                                                                       "TRANSFORMERS_OFFLINE"))
 
 
-def _validate_model_shape(cfg: DictConfig, n_layers: int, neurons_per_layer: int | None) -> None:
-    """The layer and neuron counts the method asks for, against the model's config.json (no weights loaded)."""
-    method = cfg.method
+def _validate_model_shape(cfg: DictConfig, shape: ModelShape) -> None:
+    """The layer, neuron and expert counts the method asks for, against the model's config.json (no weights loaded)."""
+    method, n_layers, neurons_per_layer = cfg.method, shape.n_layers, shape.neurons_per_layer
     depth = f"(model {cfg.model.name} has {n_layers} layers)"
+    if method.name == "router":
+        if not shape.moe_layers:
+            _fail("method.name", f"a method for dense models: {cfg.model.name} has no routed experts", "router")
+        if method.n_experts > len(shape.moe_layers) * shape.experts:
+            _fail("method.n_experts", f"at most {len(shape.moe_layers) * shape.experts} (the routed experts of "
+                  f"{cfg.model.name}: {shape.experts} in each of {len(shape.moe_layers)} layers)", method.n_experts)
+        return
     if method.name not in NEURON_METHODS:
         if method.layer is not None and not 0 <= method.layer < n_layers:
             _fail("method.layer", f"a layer in [0, {n_layers}) {depth}", method.layer)
         return
     requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
     start, stop = resolve_layer_range(requested, n_layers) or (0, n_layers)
-    if method.k is not None and neurons_per_layer is not None:
-        available = (stop - start) * neurons_per_layer
+    available = shape.neurons_in(start, stop)
+    if method.k is not None and available is not None:
         where = f"layers [{start}, {stop})" if requested is not None else f"{n_layers} layers"
+        per_layer = "with their routed and shared experts" if shape.moe_layers else f"x {neurons_per_layer}"
         if method.k > available:
-            _fail("method.k", f"at most {available} (the MLP neurons in {where} x {neurons_per_layer} of "
+            _fail("method.k", f"at most {available} (the MLP neurons in {where} {per_layer} of "
                   f"{cfg.model.name})", method.k)
 
 
@@ -238,6 +247,13 @@ def _validate_method(cfg: DictConfig) -> None:
         _validate_score(cfg)
         _fraction(cfg, "method.universal.top_fraction")
         _fraction(cfg, "method.universal.threshold")
+        _validate_layer_range(cfg)
+    elif cfg.method.name == "router":  # mixtures of experts (issue 27)
+        _count(cfg, "method.n_experts", allow_none=False, minimum=1)
+        _choice(cfg, "method.sign", SIGNS)
+        scale = cfg.method.scale
+        if not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0:
+            _fail("method.scale", "a gate-logit shift > 0", scale)
         _validate_layer_range(cfg)
     else:
         _fraction(cfg, "method.layer_fraction", low_open=False)

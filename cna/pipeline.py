@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cna.attribution import GRADIENT_SCORES, GradientStatistics, collect_gradients, score_metric, score_neurons
 from cna.cache import BaselineCache, StatisticsCache, statistics_key
-from cna.circuit import Circuit, ResidualDirection
+from cna.circuit import Circuit, ExpertChoice, ResidualDirection
 from cna.config import NEURON_METHODS, validate
 from cna.data import (
     PromptSource,
@@ -42,6 +42,7 @@ from cna.discovery import (
     residual_direction,
     resolve_layer_range,
     select_circuit,
+    select_experts,
     universal_neurons,
 )
 from cna.errors import ConfigError
@@ -52,7 +53,7 @@ from cna.evaluation.refusal import REFUSAL_PHRASES, KeywordRefusalClassifier, re
 from cna.evaluation.responses import evaluate_responses
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import eos_token_ids, generate
-from cna.interventions import DirectionAblation, Intervention, NeuronScale, SteeringVector, baked_weights
+from cna.interventions import DirectionAblation, Intervention, NeuronScale, RouterBias, SteeringVector, baked_weights
 from cna.models import LoadedModel, ModelSpec, activation_identity, is_offloaded, is_quantized_module, load_model
 from cna.prefix import LayerPrefixReuse, PrefixStore, prefix_reuse
 from cna.report import run_plots
@@ -218,7 +219,7 @@ def discover(cfg: DictConfig, lm: LoadedModel, data: JobData, cache: StatisticsC
 
 
 def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobData,
-                 model_name: str) -> tuple[Intervention, Circuit | ResidualDirection]:
+                 model_name: str) -> tuple[Intervention, Circuit | ResidualDirection | ExpertChoice]:
     method, adapter = cfg.method, lm.adapter
     prompts = {"positive": len(data.positive), "negative": len(data.negative),
                "sha256": prompt_sets_sha256(data.positive, data.negative),
@@ -244,6 +245,13 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
         if method.name == "random":
             circuit = random_circuit(circuit, scores, method.seed)
         return NeuronScale(adapter, circuit, mode=method.mode, positions=method.positions), circuit
+    if method.name == "router":  # mixtures of experts (issue 27): shift chosen experts' gate logits
+        requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
+        choice = select_experts(found.positive, found.negative, model=model_name, n_experts=method.n_experts,
+                                sign=method.sign, scale=method.scale,
+                                layers=resolve_layer_range(requested, adapter.n_layers), prompts=prompts,
+                                settings={"position": method.position, "layers_requested": requested})
+        return RouterBias(adapter, choice, positions=method.positions), choice
     layer = method.layer if method.layer is not None else layer_at_fraction(adapter.n_layers, method.layer_fraction)
     if not 0 <= layer < adapter.n_layers:
         raise ConfigError(f"method.layer: expected a layer in [0, {adapter.n_layers}), got {layer}")
@@ -257,7 +265,7 @@ def build_method(cfg: DictConfig, lm: LoadedModel, found: Discovery, data: JobDa
 
 
 def discover_method(cfg: DictConfig, lm: LoadedModel, data: JobData,
-                    cache: StatisticsCache) -> tuple[Intervention, Circuit | ResidualDirection]:
+                    cache: StatisticsCache) -> tuple[Intervention, Circuit | ResidualDirection | ExpertChoice]:
     """Statistics (cached) -> circuit or direction: the one discovery path of launch.py and `python -m cna discover`."""
     return build_method(cfg, lm, discover(cfg, lm, data, cache), data, cfg.model.name)
 

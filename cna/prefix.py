@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cna.hooks import Hook, attached, first_tensor
-from cna.interventions import Intervention, NeuronScale, SteeringVector
+from cna.interventions import Intervention, NeuronScale, RouterBias, SteeringVector
 from cna.models import ArchitectureAdapter
 from cna.run_folder import save_atomically
 
@@ -54,6 +54,8 @@ def first_steered_layer(intervention: Intervention | None) -> int | None:
         return min(intervention.circuit.by_layer())
     if isinstance(intervention, SteeringVector):
         return intervention.layer  # its hook edits layer L's output, so layer L itself must run
+    if isinstance(intervention, RouterBias):
+        return min(intervention.choice.by_layer())  # routing changes inside layer L's MoE block
     return None
 
 
