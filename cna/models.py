@@ -324,19 +324,20 @@ def _moe_layout(config: dict, n_layers: int) -> tuple[int, int, list[int], list[
     """(routed experts, their width, shared widths, MoE layers, dense layers' width) from a MoE family's config.json,
     with transformers' defaults for keys it leaves out; None for other families or a config missing a key."""
     model_type = config.get("model_type")
+    # The hub's files and transformers 5's own (which writes some families' count under its alias) differ.
+    routed = next((_int(config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
+                   if key in config), None)
     if model_type in ("qwen2_moe", "qwen3_moe"):
-        routed, width, step = _int(config, "num_experts"), _int(config, "moe_intermediate_size"), \
-            _int(config, "decoder_sparse_step", 1)
+        width, step = _int(config, "moe_intermediate_size"), _int(config, "decoder_sparse_step", 1)
         shared = [_int(config, "shared_expert_intermediate_size")] if model_type == "qwen2_moe" else []
         dense_only = config.get("mlp_only_layers") or []
         moe = [layer for layer in range(n_layers) if routed and step and layer not in dense_only
                and (layer + 1) % step == 0]
         dense = _int(config, "intermediate_size")
     elif model_type in ("mixtral", "olmoe", "gpt_oss"):
-        routed = _int(config, "num_experts" if model_type == "olmoe" else "num_local_experts")
         width, shared, moe, dense = _int(config, "intermediate_size"), [], list(range(n_layers)), None
     elif model_type == "deepseek_v3":
-        routed, width = _int(config, "n_routed_experts"), _int(config, "moe_intermediate_size")
+        width = _int(config, "moe_intermediate_size")
         shared_count = _int(config, "n_shared_experts", 1)
         shared = [width * shared_count] if width and shared_count else []
         moe = list(range(_int(config, "first_k_dense_replace", 3) or 0, n_layers))
@@ -456,7 +457,7 @@ def activation_identity(lm: LoadedModel) -> dict:
         "attention": getattr(config, "_attn_implementation", None),
         "device": input_device(lm.model).type,
     }
-    if lm.adapter.has_experts:  # the experts kernel changes sums in the last bits (dense models' keys stay as they were)
+    if lm.adapter.has_experts:  # the experts kernel changes sums in the last bits (dense models' keys are unchanged)
         identity["experts"] = getattr(config, "_experts_implementation", None)
     return identity
 

@@ -64,7 +64,8 @@ def validate_with(cfg, model_folder: Path) -> None:
 BAD_VALUES = [
     (["method.k_fraction=0"], "method.k_fraction: expected a number in (0, 1], got 0"),
     (["method.k_fraction=1.5"], "method.k_fraction: expected a number in (0, 1], got 1.5"),
-    (["method=cna", "method.name=steer"], "method.name: expected one of cna, caa, direction, random, router, got 'steer'"),
+    (["method=cna", "method.name=steer"],
+     "method.name: expected one of cna, caa, direction, random, router, got 'steer'"),
     (["alphas=[0,1.5]"], "alphas[1]: expected a number in [0, 1], got 1.5"),
     (["alphas=[-0.5]"], "alphas[0]: expected a number in [0, 1], got -0.5"),
     (["multipliers=[1,-2]"], "multipliers[1]: expected a number >= 0, got -2"),
