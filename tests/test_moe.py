@@ -8,8 +8,10 @@ import json
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
+from test_pipeline import CONF, small_job
 from transformers import AutoModelForCausalLM
 
 from cna.attribution import collect_gradients, neuron_writes, refusal_log_odds
@@ -23,6 +25,7 @@ from cna.circuit import (
     localisation,
     overlap,
 )
+from cna.config import validate
 from cna.discovery import (
     ActivationStatistics,
     collect_statistics,
@@ -32,14 +35,16 @@ from cna.discovery import (
     select_experts,
     universal_neurons,
 )
-from cna.errors import CnaError
+from cna.errors import CnaError, ConfigError
 from cna.evaluation.scoring import next_token_logprobs
-from cna.export import export_baked_model
+from cna.export import export_baked_model, orthogonalised_weights
 from cna.generation import generate
 from cna.hooks import Hook, attached, hook_count
 from cna.interventions import DirectionAblation, NeuronScale, RouterBias, SteeringVector
 from cna.models import ArchitectureAdapter, ModelSpec, load_model, read_model_shape
+from cna.pipeline import run
 from cna.prefix import LayerPrefixReuse, first_steered_layer
+from cna.run_folder import CIRCUIT, RESULTS
 from cna.tiny import MOE_CONFIGS, tiny_moe, write_tiny_model
 from conftest import random_prompts
 from moe_reference import planted_moe, reference_statistics
@@ -353,3 +358,81 @@ def test_a_kernel_cna_cannot_read_and_a_circuit_for_a_dense_model_are_one_line_e
     dense = Circuit("tiny", "cna", [Neuron(1, 3, 1.0, 1.0, 0.0)], 3, adapter.neurons_per_layer)
     with pytest.raises(CnaError, match="circuit does not fit the model: layer 1 has no expert None"):
         NeuronScale(adapter, dense)
+
+
+def test_hooks_are_gone_and_the_kernel_is_back_after_an_exception():
+    model = tiny_moe("deepseek_v3")
+    adapter = ArchitectureAdapter(model)
+    plain = logits(model)
+    for name, intervention in interventions(adapter).items():
+        with pytest.raises(RuntimeError, match="inside"), intervention.steer(1.0):
+            logits(model)
+            raise RuntimeError("inside")
+        assert hook_count(model) == 0 and model.config._experts_implementation == "grouped_mm", name
+    assert torch.equal(logits(model), plain)
+    vector = torch.randn(adapter.hidden_size, generator=torch.Generator().manual_seed(5)).tolist()
+    direction = ResidualDirection("tiny", "direction", 0, [0, 1, 2], vector, 3)
+    with pytest.raises(CnaError, match="^cannot orthogonalise deepseek_v3 weights"), \
+            orthogonalised_weights(model, adapter, direction):
+        pass
+
+
+# The keys of each model's hub config.json that the shape check reads (typed from the hub files: this machine has no
+# hub access), and what they give: layers, routed experts, their width.
+REAL_CONFIGS = {
+    "qwen3_30b_a3b": ({"model_type": "qwen3_moe", "num_hidden_layers": 48, "num_experts": 128,
+                       "moe_intermediate_size": 768, "intermediate_size": 6144, "decoder_sparse_step": 1,
+                       "mlp_only_layers": [], "num_experts_per_tok": 8, "hidden_size": 2048}, 48, 128, 768),
+    "mixtral_8x7b": ({"model_type": "mixtral", "num_hidden_layers": 32, "num_local_experts": 8,
+                      "intermediate_size": 14336, "num_experts_per_tok": 2, "hidden_size": 4096}, 32, 8, 14336),
+    "olmoe_1b_7b": ({"model_type": "olmoe", "num_hidden_layers": 16, "num_experts": 64, "intermediate_size": 1024,
+                     "num_experts_per_tok": 8, "hidden_size": 2048}, 16, 64, 1024),
+    "gpt_oss_20b": ({"model_type": "gpt_oss", "num_hidden_layers": 24, "num_local_experts": 32,
+                     "intermediate_size": 2880, "experts_per_token": 4, "hidden_size": 2880,
+                     "quantization_config": {"quant_method": "mxfp4"}}, 24, 32, 2880),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CONFIGS))
+def test_real_moe_configs_are_checked_from_config_json_before_weights_load(name, tmp_path):
+    config, layers, experts, width = REAL_CONFIGS[name]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    shape = read_model_shape(tmp_path / "config.json")
+    assert (shape.n_layers, shape.experts, shape.expert_width, len(shape.moe_layers)) == (layers, experts, width,
+                                                                                           layers)
+    total = layers * experts * width
+    assert shape.neurons_in(0, layers) == total
+
+    def job(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose("config", overrides=[f"model={name}", f"model.path={tmp_path}", "logger=none", *overrides])
+
+    assert job().model.device_map == "auto" and "/" in job().model.name
+    validate(job(f"method.k={total}"))
+    validate(job("method=router", f"method.n_experts={layers * experts}"))
+    with pytest.raises(ConfigError, match=f"^method.k: expected at most {total} .*with their routed and shared "):
+        validate(job(f"method.k={total + 1}"))
+    with pytest.raises(ConfigError, match=f"^method.n_experts: expected at most {layers * experts} "):
+        validate(job("method=router", f"method.n_experts={layers * experts + 1}"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 2,
+                                                      "intermediate_size": 64}))
+    with pytest.raises(ConfigError, match="^method.name: expected a method for dense models"):
+        validate(job("method=router"))
+
+
+@pytest.mark.parametrize("method", ["cna", "router"])
+def test_a_job_on_a_tiny_moe_writes_the_contract_files(tmp_path, method):
+    folder = write_tiny_model(tmp_path / "moe", family="deepseek_v3")
+    chosen = ["method.k=6"] if method == "cna" else ["method.n_experts=3"]
+    results = run(small_job(folder, tmp_path / "cache", f"method={method}", *chosen), tmp_path / "run")
+    assert results["status"] == "complete" and [p["alpha"] for p in results["points"]] == [0.0, 1.0]
+    assert json.loads((tmp_path / "run" / RESULTS).read_text()) == results
+    circuit = json.loads((tmp_path / "run" / CIRCUIT).read_text())
+    assert circuit["method"] == method
+    if method == "cna":
+        assert circuit["k"] == 6 and all(("expert" in n) == (n["layer"] > 0) for n in circuit["neurons"])
+        assert set(circuit["experts"]["routing_frequency"]) == {"positive", "negative"}
+        assert (tmp_path / "run" / "expert_histogram.png").read_bytes().startswith(b"\x89PNG")
+    else:
+        assert "neurons" not in circuit and circuit["n_experts"] == 3
+        assert all(e["layer"] > 0 and e["shift"] in (-10.0, 10.0) for e in circuit["experts"])
