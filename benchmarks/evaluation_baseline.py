@@ -18,8 +18,8 @@ from cna.data import encode_prompts, read_prompt_file
 from cna.evaluation.mmlu import evaluate_mmlu, load_mmlu_folder, stratified_sample
 from cna.evaluation.responses import evaluate_responses
 from cna.generation import eos_token_ids, generate
+from cna.io import write_json_atomic
 from cna.models import ModelSpec, load_model
-from cna.run_folder import write_json_atomic
 
 
 def main() -> None:

@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from measure import ratio, spread
 
 from cna.circuit import Circuit, Neuron
+from cna.config import compose_job
 from cna.data import _deduplicate, encode_prompts, read_prompt_file
 from cna.evaluation.mmlu import evaluate_mmlu, load_mmlu_folder, stratified_sample
 from cna.evaluation.scoring import next_token_logprobs
@@ -42,7 +42,6 @@ from cna.models import ModelSpec, activation_identity, load_model
 from cna.pipeline import run
 from cna.prefix import LayerPrefixReuse, PrefixStore
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 HYDRA_MODEL = {"qwen2.5-coder-0.5b-instruct": "qwen_coder_0_5b", "smollm2-135m-instruct": "smollm2_135m"}
 QUIET = ["logger=none", "resume=false", "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0"]
 OLD_PATH = ["prefix_reuse_mib=0", "prefix_reuse_disk_mib=0", "prefix_cache_mib=0", "refill_generation=false",
@@ -196,11 +195,10 @@ def fresh_process() -> None:
 
 
 def job(hydra_model: str, scratch: Path, name: str, cache: Path, overrides: list[str]) -> tuple[float, dict]:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={hydra_model}", f"cache_dir={cache}", *QUIET, *overrides])
+    job_config = compose_job([f"model={hydra_model}", f"cache_dir={cache}", *QUIET, *overrides])
     started = time.perf_counter()
-    results = run(cfg, scratch / name)
-    return time.perf_counter() - started, results
+    results = run(job_config, scratch / name)
+    return time.perf_counter() - started, results.to_dict()
 
 
 SWEEP_RECIPES = [["method.k_fraction=0.0005"], ["method.k_fraction=0.001"], ["method.k_fraction=0.0025"],

@@ -19,8 +19,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from cna.evaluation.judges import Judge, Verdict, VerdictCache, cohen_kappa, make_judge
-from cna.evaluation.refusal import KeywordRefusalClassifier
+from cna.evaluation.judges import Judge, JudgeConfig, Verdict, VerdictCache, cohen_kappa, make_judge
+from cna.evaluation.keywords import KeywordRefusalClassifier
 from cna.judge import transformers_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +74,10 @@ def judge_and_report(args: argparse.Namespace) -> None:
                     "rows": len(rows), "backend": args.backend, "model": args.model, "judges": {}}
     max_tokens = {"yesno": 4, "strongreject": 40, "rating": 12}
     for name in args.judges:
-        judge: Judge = make_judge({"name": name, "backend": args.backend, "model": args.model,
-                                   "local_name": args.local_name, "base_url": args.base_url,
-                                   "max_new_tokens": max_tokens[name], "batch_size": 8, "concurrency": args.concurrency,
-                                   "timeout_s": 600, "retries": 1})
+        judge: Judge = make_judge(JudgeConfig(name=name, backend=args.backend, model=args.model,
+                                              local_name=args.local_name, base_url=args.base_url,
+                                              max_new_tokens=max_tokens[name], batch_size=8,
+                                              concurrency=args.concurrency, timeout_s=600, retries=1))
         judge.cache = VerdictCache(args.cache) if args.cache else None
         if args.cached_only:
             judge.backend.complete = _refuse_to_ask  # any cache miss fails loudly instead of loading work

@@ -50,17 +50,18 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from cna.cache import StatisticsCache
+from cna.config import compose_job
 from cna.data import encode_prompts, read_prompt_file
-from cna.evaluation.refusal import KeywordRefusalClassifier
+from cna.evaluation.keywords import KeywordRefusalClassifier
 from cna.generation import eos_token_ids, generate
 from cna.interventions import NeuronScale
+from cna.methods import make_method
+from cna.methods.base import DiscoverySets
 from cna.models import load_model, model_cache
-from cna.pipeline import JobData, discover_method, model_spec, universal_statistics
+from cna.pipeline import discover, job_statistics
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 STAGES = ("discovery", "generation", "total")
 
 
@@ -141,38 +142,37 @@ class OurCode:
     """cna's discovery path (as launch.py and `python -m cna discover` run it) and batched generation."""
 
     def __init__(self, model_name: str, model_dir: Path, k_fraction: float, seed: int):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            self.cfg = compose("config", overrides=["method=cna", "logger=none", f"model={model_name}"])
-        self.cfg.model.update(path=str(model_dir), device="cpu", dtype="float32")
-        self.cfg.method.update(k_fraction=k_fraction)
-        self.cfg.update(seed=seed)
+        self.job = compose_job(["method=cna", "logger=none", f"model={model_name}", f"model.path={model_dir}",
+                                "model.device=cpu", "model.dtype=float32", f"method.k_fraction={k_fraction}",
+                                f"seed={seed}"])
+        self.method = make_method(self.job.method)
         started = time.perf_counter()
-        self.lm = load_model(model_spec(self.cfg))
+        self.lm = load_model(self.job.model.spec())
         self.load_s = time.perf_counter() - started
         self.attention = self.lm.model.config._attn_implementation
         tokenizer = self.lm.tokenizer
         self.greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(self.lm.model, tokenizer),
-                           batch_size=self.cfg.batch_size, refill=self.cfg.refill_generation, progress=False)
+                           batch_size=self.job.batch_size, refill=self.job.refill_generation, progress=False)
         self.model_level = Path(tempfile.mkdtemp(prefix="cna-vs-paper-"))
         atexit.register(shutil.rmtree, self.model_level, ignore_errors=True)  # also when a run dies halfway
         started = time.perf_counter()
-        universal_statistics(self.cfg, self.lm, StatisticsCache(self.model_level))
+        self.method.filter_statistics(job_statistics(self.job, self.lm, StatisticsCache(self.model_level)))
         self.universal_s = time.perf_counter() - started
 
     def discover(self, positive: list[str], negative: list[str]):
         """A fresh cache seeded with the model-level statistics only: the contrastive sets are computed."""
         with tempfile.TemporaryDirectory(prefix="cna-vs-paper-job-") as folder:
             shutil.copytree(self.model_level, folder, dirs_exist_ok=True)
-            data = JobData(positive, negative, refusal=[], over_refusal={}, kl=[], mmlu=[])
             cache = StatisticsCache(folder)
-            circuit = discover_method(self.cfg, self.lm, data, cache)[1]
+            circuit = discover(self.method, job_statistics(self.job, self.lm, cache), DiscoverySets(positive, negative),
+                               model_name=self.job.model.name)[1]
         if (cache.hits, cache.misses) != (1, 2):
             raise RuntimeError(f"expected the diverse statistics from the cache and two computed sets, got "
                                f"{cache.hits} hits and {cache.misses} misses")
         return circuit
 
     def generate(self, goals: list[str], circuit, multiplier: float, max_new_tokens: int) -> list[str]:
-        encoded = encode_prompts(self.lm.tokenizer, goals, self.cfg.model.template)
+        encoded = encode_prompts(self.lm.tokenizer, goals, self.job.model.template)
         with NeuronScale(self.lm.adapter, circuit).multiply(multiplier):
             tokens = generate(self.lm.model, encoded, max_new_tokens=max_new_tokens, **self.greedy)
         return [self.lm.tokenizer.decode(ids, skip_special_tokens=True) for ids in tokens]

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cna.discovery import ActivationStatistics
-from cna.run_folder import save_atomically, write_json_atomic
+from cna.io import save_atomically, write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from cna.run_folder import read_json, write_json_atomic
+from cna.io import read_json, write_json_atomic
 
 
 @dataclass(frozen=True)

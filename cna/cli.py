@@ -10,21 +10,15 @@ import textwrap
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
-
-from cna.cache import StatisticsCache
-from cna.config import validate
+from cna import api
 from cna.data import deduplicate, encode_prompts, read_prompt_file
 from cna.discovery import DISCOVERY_TOKEN_BUDGET
 from cna.errors import CnaError
 from cna.generation import eos_token_ids, generate
-from cna.interventions import NeuronScale
-from cna.models import load_model
-from cna.pipeline import JobData, discover_method, discovery_overlap, model_spec
+from cna.methods.cna import DEFAULT_REFUSAL_STARTS, UniversalConfig
+from cna.models import ModelSpec, load_model
+from cna.pipeline import discovery_overlap
 from cna.run_folder import CIRCUIT
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,24 +73,13 @@ def _sample(prompts: list[str], n: int, seed: int) -> list[str]:
     return prompts if n >= len(prompts) else random.Random(seed).sample(prompts, n)
 
 
-def job_config(args: argparse.Namespace) -> DictConfig:
-    """The pipeline's own job config (conf/config.yaml, method cna) with the command line's settings."""
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["method=cna", "logger=none"])
-    cfg.model.update(name=args.model, local_name=args.local_name, path=args.path, dtype=args.dtype,
-                     device=args.device, template=args.template)
-    cfg.method.update(k_fraction=args.k_fraction, k=args.k, sign=args.sign, score=args.score)
-    if args.refusal_starts:
-        cfg.method.refusal_starts = list(args.refusal_starts)
-    cfg.method.universal.update(enabled=not args.no_filter, top_fraction=args.top_fraction, threshold=args.threshold)
-    cfg.update(seed=args.seed, batch_size=args.batch_size, discovery_batch_tokens=args.batch_tokens)
-    return cfg
-
-
 def discover(args: argparse.Namespace) -> None:
     # Every input file is read before the model loads, so a typo fails in a second, not after a minute.
-    cfg = job_config(args)
-    validate(cfg)
+    method = dict(k_fraction=args.k_fraction, k=args.k, sign=args.sign, score=args.score,
+                  universal=UniversalConfig(enabled=not args.no_filter, top_fraction=args.top_fraction,
+                                            threshold=args.threshold),
+                  refusal_starts=list(args.refusal_starts or DEFAULT_REFUSAL_STARTS))
+    api.cna_config(**method)  # checked before anything is read or loaded
     positive = read_prompt_file(args.positive, args.positive_column)
     negative = read_prompt_file(args.negative, args.negative_column)
     removed, overlap = {"positive": 0, "negative": 0}, {}
@@ -112,18 +95,21 @@ def discover(args: argparse.Namespace) -> None:
     negative = _sample(negative, args.n, args.seed)
     if args.dedup_against:
         overlap = discovery_overlap(positive + negative, {"dedup_against": evaluation}, args.dedup_threshold)
-    data = JobData(positive, negative, refusal=[], over_refusal={}, kl=[], mmlu=[], removed_duplicates=removed,
-                   overlap=overlap)
     shown = read_prompt_file(args.show, args.show_column) if args.show else positive
     shown = _sample(shown, args.show_n, args.seed)
     started = time.perf_counter()
-    loaded = load_model(model_spec(cfg))
+    loaded = load_model(ModelSpec(name=args.model, local_name=args.local_name, path=args.path, dtype=args.dtype,
+                                  device=args.device))
     tokenizer, adapter = loaded.tokenizer, loaded.adapter
     print(f"model {loaded.source}: {adapter.n_layers} layers x {adapter.neurons_per_layer} neurons "
           f"({adapter.model_type}), loaded in {time.perf_counter() - started:.1f} s")
 
     started = time.perf_counter()
-    _, circuit = discover_method(cfg, loaded, data, StatisticsCache(args.cache_dir))  # the pipeline's discovery
+    circuit = api.discover(loaded.model, tokenizer, positive, negative, template=args.template,  # as launch.py's
+                           batch_size=args.batch_size, batch_tokens=args.batch_tokens, cache_dir=args.cache_dir,
+                           **method)
+    circuit.model = args.model
+    circuit.prompts.update(duplicates_removed=removed, in_sample=any(overlap.values()), overlap=overlap)
     path = circuit.save(Path(args.out) / CIRCUIT)
     occupied = {layer: count for layer, count in circuit.layer_counts.items() if count}
     print(f"circuit: k = {circuit.k} of {adapter.total_neurons} neurons, {circuit.universal_removed} universal "
@@ -134,7 +120,7 @@ def discover(args: argparse.Namespace) -> None:
     greedy = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(loaded.model, tokenizer),
                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     plain = generate(loaded.model, encoded, desc="m = 1", **greedy)
-    with NeuronScale(adapter, circuit).multiply(args.multiplier):
+    with api.steer(loaded.model, circuit, multiplier=args.multiplier):
         steered = generate(loaded.model, encoded, desc=f"m = {args.multiplier:g}", **greedy)
     _print_side_by_side(shown, [tokenizer.decode(t) for t in plain], [tokenizer.decode(t) for t in steered],
                         f"m = {args.multiplier:g}")

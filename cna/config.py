@@ -1,309 +1,366 @@
-"""Start-up validation of a composed job config: one line naming the key and what it expects.
+"""The job config, typed: one dataclass per config group, Hydra's schemas, and the one reader of Hydra's config.
 
-Everything here runs before a model loads, so a typo costs a second, not a model load.
-Checks that need the files (missing data, empty prompt sets, an evaluation size larger
-than its dataset) happen when the pipeline reads the data, also before the model loads.
+`launch.py` composes `conf/config.yaml` with Hydra; `JobConfig.from_hydra(cfg)` turns the composed DictConfig
+into plain dataclasses (the model, the prompt sets, the method's and every metric's config, the logger, the
+cache and the sweep), and nothing below the entry points sees a DictConfig. Every dataclass is registered
+as a structured-config schema, so Hydra rejects an unknown key or a value of the wrong type while composing;
+the values each setting accepts are declared beside its field (cna.schema) and checked, with the cross-field
+and model-shape checks, by `cna.validation.validate` before any model loads.
+
+The plug-ins' configs (cna.methods, cna.evaluation.metric) are registered from their registries: a method's
+schema is `method/_<name>_schema`, a metric's `metric/_<name>_schema` (conf/method/*.yaml and
+conf/metric/*.yaml list theirs first in their defaults).
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
-from cna.attribution import GRADIENT_SCORES, SCORES
-from cna.discovery import POSITIONS, SIGNS, resolve_layer_range
+from cna.data import TEMPLATES, PromptSource
 from cna.errors import ConfigError
-from cna.evaluation.kl import KL_DIRECTIONS
-from cna.interventions import NEURON_MODES
-from cna.interventions import POSITIONS as STEER_POSITIONS
-from cna.models import (
-    DTYPES,
-    MODEL_CACHE_ENV,
-    QUANTIZATIONS,
-    ModelShape,
-    ModelSpec,
-    local_config,
-    model_cache,
-    quantization_unavailable,
-    read_model_shape,
-    resolve_device,
-)
-from cna.tracking import server_reachable
+from cna.evaluation.judges import JUDGES
+from cna.evaluation.metric import metric_types
+from cna.methods import method_types
+from cna.models import DTYPES, QUANTIZATIONS, ModelSpec
+from cna.schema import bounded, choice
 
-HUB_ENDPOINT_ENV, DEFAULT_HUB_ENDPOINT = "HF_ENDPOINT", "https://huggingface.co"
+CONF = Path(__file__).resolve().parents[1] / "conf"
+LOGGERS = ("wandb", "none")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+# Settings of `eval` shared by every metric that reads responses; its other keys are metrics.
+EVAL_SETTINGS = ("quality_n", "classifier_window")
 
+
+# --- the groups ---------------------------------------------------------------------------------------------------
 
 @dataclass
 class ModelConfig(ModelSpec):
-    """A conf/model/*.yaml file: how to load the model (ModelSpec's keys, typed) and how to present prompts to it.
+    """A conf/model/*.yaml file: how to load the model (ModelSpec's keys) and how to present prompts to it."""
 
-    Each file lists `_schema` first in its defaults and sets only what differs; Hydra rejects an unknown key
-    or a value of the wrong type when it composes the config (`validate` catches one added with +model.KEY).
-    """
+    dtype: str = choice("auto", ("auto", *DTYPES))  # auto: float32 on CPU, bfloat16 on CUDA
+    quantization: str | None = choice(None, (None, *QUANTIZATIONS))
+    template: str = choice("chat", TEMPLATES)  # chat: the tokenizer's chat template; raw: the text (base models)
 
-    template: str = "chat"  # chat: the tokenizer's chat template; raw: the text as it is (base models)
-
-
-ConfigStore.instance().store(group="model", name="_schema", node=ModelConfig)
-
-METHODS = ("cna", "caa", "direction", "random", "router")
-NEURON_METHODS = ("cna", "random")
-# What a hyper-parameter sweeper may minimise (cfg.search), and the evaluator each one needs.
-SEARCH_METRICS = {"refusal_rate": "eval.refusal.n", "kl_divergence": "eval.kl.n",
-                  "over_refusal_rate": "eval.over_refusal"}
+    def spec(self) -> ModelSpec:
+        return ModelSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSpec)})
 
 
-def _fail(key: str, expected: str, got) -> None:
-    raise ConfigError(f"{key}: expected {expected}, got {got!r}")
+@dataclass
+class PromptsConfig:
+    """A conf/prompts/*.yaml file: the contrastive discovery sets."""
+
+    name: str = "custom"
+    positive: PromptSource = field(default_factory=PromptSource)  # prompts showing the behaviour
+    negative: PromptSource = field(default_factory=PromptSource)  # prompts without it
+    n_positive: int | None = bounded(None, 1, integer=True)  # drawn with the job's seed (null: all)
+    n_negative: int | None = bounded(None, 1, integer=True)
+    dedup: bool = False  # drop exact and near copies of the evaluation sets' prompts first
+    dedup_threshold: float = bounded(0.8, 0, 1, low_open=True)
 
 
-def _choice(cfg: DictConfig, key: str, choices) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        _fail(key, f"one of {', '.join(map(str, choices))}", value)
+@dataclass
+class LoggerConfig:
+    """A conf/logger/*.yaml file: W&B (`wandb`) or nothing (`none`)."""
+
+    name: str = choice("none", LOGGERS)
+    project: str = "cna"
+    entity: str | None = None
+    mode: str = choice("auto", LOGGER_MODES)  # auto: online with an API key and a reachable server, else offline
+    console: str = "off"  # W&B's copy of stdout/stderr; the job has its own log file
 
 
-def _fraction(cfg: DictConfig, key: str, *, low_open: bool = True, allow_none: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and allow_none:
+@dataclass
+class SearchConfig:
+    """`search`: what launch.py returns to Hydra's Optuna sweeper (experiment=recipe_search)."""
+
+    objectives: list[str] = field(default_factory=list)  # point fields to minimise (cna.evaluation.metric)
+    min_quality: float | None = bounded(None, 0, 1)  # a point below it is infeasible
+
+
+@dataclass
+class EvalConfig:
+    """`eval`: how responses are scored, and the config of every metric the job measures (by name)."""
+
+    quality_n: int = bounded(3, 1, integer=True)  # quality = 1 - repeated word n-grams of this size
+    classifier_window: int | None = bounded(256, 0, integer=True)  # characters the keyword classifier reads
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CacheConfig:
+    """What a sweep's jobs share on disk, and how much memory and disk layer-prefix reuse may take."""
+
+    dir: str | None = None  # statistics, baselines, prefixes, judge verdicts
+    reuse_baseline: bool = True  # the unsteered point is computed once per model and evaluation
+    prefix_reuse_mib: int = bounded(1024, 0, integer=True)
+    prefix_reuse_disk_mib: int = bounded(4096, 0, integer=True)
+    prefix_cache_mib: int = bounded(4096, 0, integer=True)
+
+
+@dataclass
+class SweepConfig:
+    """The strength points of a job, and what a hyper-parameter sweeper minimises."""
+
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    multipliers: list[float] | None = None  # explicit m for neuron methods instead of alphas (m > 1 amplifies)
+    search: SearchConfig | None = None
+
+
+@dataclass
+class JobSchema:
+    """conf/config.yaml's own keys, typed (the groups carry their own schemas)."""
+
+    model: Any = None
+    prompts: Any = None
+    method: Any = None
+    eval: Any = None
+    logger: Any = None
+    data_dir: str = "../shared/data"
+    cache_dir: str | None = None
+    seed: int = bounded(0, 0, integer=True)
+    batch_size: int = bounded(32, 1, integer=True)
+    discovery_batch_tokens: int | None = bounded(256, 1, integer=True)
+    scoring_batch_tokens: int | None = bounded(1024, 1, integer=True)
+    alphas: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    multipliers: list[float] | None = None
+    max_new_tokens: int = bounded(48, 1, integer=True)
+    resume: bool = True
+    prefix_reuse_mib: int = bounded(1024, 0, integer=True)
+    prefix_reuse_disk_mib: int = bounded(4096, 0, integer=True)
+    prefix_cache_mib: int = bounded(4096, 0, integer=True)
+    refill_generation: bool = True
+    bake_steering: bool = False
+    reuse_baseline: bool = True
+    search: Any = None  # a SearchConfig (converted by from_hydra: OmegaConf cannot merge into a null dataclass)
+    knobs: dict[str, Any] = field(default_factory=dict)  # an experiment's own variables that other keys interpolate
+
+
+# --- the job ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class JobConfig:
+    """Everything one job needs, typed; built by `from_hydra` (launch.py) or directly in Python."""
+
+    model: ModelConfig
+    prompts: PromptsConfig
+    method: Any  # the method's config dataclass (cna.methods), e.g. CnaConfig
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    data_dir: str = "../shared/data"
+    seed: int = bounded(0, 0, integer=True)
+    batch_size: int = bounded(32, 1, integer=True)  # generation, MMLU and KL batches
+    discovery_batch_tokens: int | None = bounded(256, 1, integer=True)  # most padded tokens per discovery batch
+    scoring_batch_tokens: int | None = bounded(1024, 1, integer=True)  # most padded tokens per MMLU / KL batch
+    max_new_tokens: int = bounded(48, 1, integer=True)
+    resume: bool = True
+    refill_generation: bool = True
+    bake_steering: bool = False
+    settings: dict = field(default_factory=dict)  # the composed config as plain values: recorded and hashed
+
+    @classmethod
+    def from_hydra(cls, cfg: DictConfig) -> JobConfig:
+        """The typed job from a composed config; ConfigError (one line naming the key) where a value is wrong."""
+        try:
+            settings = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as error:  # noqa: BLE001 - OmegaConf's interpolation errors have several types
+            raise ConfigError(_one_line(error)) from error
+        schema: JobSchema = _typed(cfg, JobSchema, "")
+        known_methods = method_types()
+        method_name = OmegaConf.select(cfg, "method.name")
+        if method_name not in known_methods:
+            raise ConfigError(f"method.name: expected one of {', '.join(known_methods)}, got {method_name!r}")
+        return cls(
+            model=_typed(cfg.model, ModelConfig, "model"),
+            prompts=_typed(cfg.prompts, PromptsConfig, "prompts"),
+            method=_typed(cfg.method, known_methods[method_name].config_type, "method"),
+            eval=_eval_config(cfg.eval),
+            logger=_typed(cfg.logger, LoggerConfig, "logger"),
+            cache=CacheConfig(schema.cache_dir, schema.reuse_baseline, schema.prefix_reuse_mib,
+                              schema.prefix_reuse_disk_mib, schema.prefix_cache_mib),
+            sweep=SweepConfig(list(schema.alphas), None if schema.multipliers is None else list(schema.multipliers),
+                              None if cfg.search is None else _typed(cfg.search, SearchConfig, "search")),
+            data_dir=schema.data_dir, seed=schema.seed, batch_size=schema.batch_size,
+            discovery_batch_tokens=schema.discovery_batch_tokens, scoring_batch_tokens=schema.scoring_batch_tokens,
+            max_new_tokens=schema.max_new_tokens, resume=schema.resume, refill_generation=schema.refill_generation,
+            bake_steering=schema.bake_steering, settings=settings)
+
+
+def _schema_node(config_type: Any):
+    """The OmegaConf node a config type is enforced by: a dataclass, or dict[str, <dataclass>]."""
+    if typing.get_origin(config_type) is dict:
+        _, element = typing.get_args(config_type)
+        return DictConfig(content={}, key_type=str, element_type=element)
+    return OmegaConf.structured(config_type)
+
+
+def _typed(node: Any, config_type: Any, key: str) -> Any:
+    """A config node as its dataclass (or dict of them); a node composed without its schema is checked now."""
+    try:
+        if not isinstance(node, DictConfig):
+            raise ConfigError(f"{key}: expected a mapping, got {node!r}")
+        _check_keys(node, config_type, key)
+        if OmegaConf.get_type(node) is config_type:
+            return OmegaConf.to_object(node)
+        plain = OmegaConf.to_container(node, resolve=True)  # interpolations resolve in the whole config
+        return OmegaConf.to_object(OmegaConf.merge(_schema_node(config_type), plain))
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - OmegaConf's validation errors have several types
+        raise ConfigError(_one_line(error, prefix=f"{key}." if key else "")) from error
+
+
+def _check_keys(node: DictConfig, config_type: Any, key: str) -> None:
+    """`+group.KEY=...` adds keys past a schema: every key must be a field of its dataclass."""
+    if typing.get_origin(config_type) is dict:
+        element = typing.get_args(config_type)[1]
+        for name, child in node.items_ex(resolve=False):
+            if isinstance(child, DictConfig):
+                _check_keys(child, element, f"{key}.{name}")
         return
-    ok = isinstance(value, int | float) and (0 < value <= 1 if low_open else 0 <= value <= 1)
-    if not ok:
-        _fail(key, "a number in (0, 1]" if low_open else "a number in [0, 1]", value)
-
-
-def _count(cfg: DictConfig, key: str, *, allow_none: bool = True, minimum: int = 0) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None and allow_none:
+    if not dataclasses.is_dataclass(config_type):
         return
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        _fail(key, f"an integer >= {minimum}" + (" or null" if allow_none else ""), value)
+    hints = typing.get_type_hints(config_type)
+    fields = [f.name for f in dataclasses.fields(config_type)]
+    for name in node:
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}: unknown key; {key} has {', '.join(fields)}")
+        child = node._get_node(name)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(hints.get(name)):
+            _check_keys(child, hints[name], f"{key}.{name}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError on the first bad value."""
-    _count(cfg, "seed", allow_none=False)
-    _validate_method(cfg)
-    _validate_sweep(cfg)
-    for key in ("prompts.n_positive", "prompts.n_negative"):
-        _count(cfg, key, minimum=1)
-    _fraction(cfg, "prompts.dedup_threshold")
-    _count(cfg, "eval.refusal.n", allow_none=False)
-    for key in ("eval.mmlu.n", "eval.mmlu.k_shot", "eval.kl.n", "eval.classifier_window"):
-        _count(cfg, key)
-    _choice(cfg, "eval.kl.direction", KL_DIRECTIONS)
-    for name in (cfg.eval.over_refusal or {}):
-        _count(cfg, f"eval.over_refusal.{name}.n")
-    for name in (cfg.eval.get("generalisation") or {}):
-        _count(cfg, f"eval.generalisation.{name}.n", minimum=1)
-    _count(cfg, "eval.quality_n", allow_none=False, minimum=1)
-    _count(cfg, "batch_size", allow_none=False, minimum=1)
-    _count(cfg, "discovery_batch_tokens", minimum=1)
-    _count(cfg, "scoring_batch_tokens", minimum=1)
-    _count(cfg, "max_new_tokens", allow_none=False, minimum=1)
-    for key in ("prefix_reuse_mib", "prefix_reuse_disk_mib", "prefix_cache_mib"):
-        _count(cfg, key, allow_none=False)
-    _choice(cfg, "logger.name", ("wandb", "none"))
-    for key in ("reuse_baseline", "refill_generation", "bake_steering"):
-        _choice(cfg, key, (True, False))
-    _validate_search(cfg)
-    validate_judge(cfg)
-    _validate_model(cfg)  # last: it may probe the network when the model is not on this machine
-
-
-def _validate_search(cfg: DictConfig) -> None:
-    search = cfg.get("search")
-    if search is None:
-        return
-    objectives = search.get("objectives")
-    if not objectives:
-        _fail("search.objectives", f"a non-empty list from {', '.join(SEARCH_METRICS)}", objectives)
-    for i, name in enumerate(objectives):
-        if name not in SEARCH_METRICS:
-            _fail(f"search.objectives[{i}]", f"one of {', '.join(SEARCH_METRICS)}", name)
-        needed = SEARCH_METRICS[name]
-        measured = OmegaConf.select(cfg, needed)
-        if name == "over_refusal_rate":
-            measured = any(entry.n for entry in (measured or {}).values())
-        if not measured:
-            _fail(f"search.objectives[{i}]", f"a metric this job measures ({needed} is off)", name)
-    _fraction(cfg, "search.min_quality", low_open=False, allow_none=True)
-
-
-def validate_judge(cfg: DictConfig) -> None:
-    """The `eval.judge` node: which judge, which backend, and the numbers each needs."""
-    from cna.evaluation.judges import BACKENDS, JUDGES
-
-    judge = OmegaConf.select(cfg, "eval.judge")
-    if judge is None or judge.get("name") == "none":
-        return
-    _choice(cfg, "eval.judge.name", JUDGES)
-    _choice(cfg, "eval.judge.backend", BACKENDS)
-    for key in ("batch_size", "max_new_tokens", "max_response_chars", "concurrency"):
-        _count(cfg, f"eval.judge.{key}", allow_none=False, minimum=1)
-    _count(cfg, "eval.judge.retries", allow_none=False)
-    timeout = judge.get("timeout_s")
-    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
-        _fail("eval.judge.timeout_s", "a number of seconds > 0", timeout)
-    if not isinstance(judge.get("model"), str) or not judge.model:
-        _fail("eval.judge.model", "a hub id, a folder or a served model name", judge.get("model"))
-    if judge.backend == "openai" and not str(judge.get("base_url") or "").startswith(("http://", "https://")):
-        _fail("eval.judge.base_url", "an http(s) URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1",
-              judge.get("base_url"))
-    if judge.backend == "hf":
-        _choice(cfg, "eval.judge.dtype", ("auto", *DTYPES))
-        if judge.path is not None and not (Path(judge.path).expanduser() / "config.json").is_file():
-            _fail("eval.judge.path", "a model folder with a config.json", judge.path)
-
-
-def _validate_model(cfg: DictConfig) -> None:
-    model = cfg.model
-    known = [field.name for field in fields(ModelConfig)]
-    for key in model:
-        if key not in known:  # `+model.KEY=...` gets past the schema
-            raise ConfigError(f"model.{key}: unknown key; a model config has {', '.join(known)}")
-    _choice(cfg, "model.dtype", ("auto", *DTYPES))
-    _choice(cfg, "model.template", ("chat", "raw"))
-    if model.quantization is not None:
-        _choice(cfg, "model.quantization", (None, *QUANTIZATIONS))
-        problem = quantization_unavailable(model.quantization, resolve_device(model.device))
-        if problem:
-            raise ConfigError(problem)
-    if model.path is not None and not (Path(model.path).expanduser() / "config.json").is_file():
-        _fail("model.path", "a model folder with a config.json", model.path)
-    config = local_config(model.name, path=model.path, local_name=model.local_name, revision=model.revision)
-    if config is None:
-        _require_hub(cfg)
-        return  # the depth and width checks run once the model has loaded
-    shape = read_model_shape(config)
-    if shape is not None:
-        _validate_model_shape(cfg, shape)
-
-
-def _require_hub(cfg: DictConfig) -> None:
-    """A model that is not on this machine comes from the hub: fail in seconds when the hub cannot be reached."""
-    model = cfg.model
-    endpoint = os.environ.get(HUB_ENDPOINT_ENV) or DEFAULT_HUB_ENDPOINT
-    if _offline():
-        why = "the hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)"
-    elif not server_reachable(endpoint):
-        why = f"{endpoint} cannot be reached"
-    else:
-        return
-    folder = model_cache() / (model.local_name or model.name.split("/")[-1])
-    raise ConfigError(
-        f"model: '{model.name}' is not in the model cache ({folder}; ${MODEL_CACHE_ENV} moves it) and {why}; "
-        f"fetch it there (`huggingface-cli download {model.name} --local-dir {folder}` where the hub is reachable"
-        ", or `make models` for the offline models) or set model.path=FOLDER"
-    )
-
-
-def _offline() -> bool:
-    return any(os.environ.get(flag, "").lower() in ("1", "true", "yes") for flag in ("HF_HUB_OFFLINE",
-                                                                                      "TRANSFORMERS_OFFLINE"))
-
-
-def _validate_model_shape(cfg: DictConfig, shape: ModelShape) -> None:
-    """The layer, neuron and expert counts the method asks for, against the model's config.json (no weights loaded)."""
-    method, n_layers, neurons_per_layer = cfg.method, shape.n_layers, shape.neurons_per_layer
-    depth = f"(model {cfg.model.name} has {n_layers} layers)"
-    if method.name == "router":
-        if not shape.moe_layers:
-            _fail("method.name", f"a method for dense models: {cfg.model.name} has no routed experts", "router")
-        if method.n_experts > len(shape.moe_layers) * shape.experts:
-            _fail("method.n_experts", f"at most {len(shape.moe_layers) * shape.experts} (the routed experts of "
-                  f"{cfg.model.name}: {shape.experts} in each of {len(shape.moe_layers)} layers)", method.n_experts)
-        return
-    if method.name not in NEURON_METHODS:
-        if method.layer is not None and not 0 <= method.layer < n_layers:
-            _fail("method.layer", f"a layer in [0, {n_layers}) {depth}", method.layer)
-        return
-    requested = OmegaConf.to_object(method.layers) if method.layers is not None else None
-    start, stop = resolve_layer_range(requested, n_layers) or (0, n_layers)
-    available = shape.neurons_in(start, stop)
-    if method.k is not None and available is not None:
-        where = f"layers [{start}, {stop})" if requested is not None else f"{n_layers} layers"
-        per_layer = "with their routed and shared experts" if shape.moe_layers else f"x {neurons_per_layer}"
-        if method.k > available:
-            _fail("method.k", f"at most {available} (the MLP neurons in {where} {per_layer} of "
-                  f"{cfg.model.name})", method.k)
-
-
-def _validate_method(cfg: DictConfig) -> None:
-    _choice(cfg, "method.name", METHODS)
-    _choice(cfg, "method.position", POSITIONS)
-    _choice(cfg, "method.positions", STEER_POSITIONS)
-    if cfg.method.name in NEURON_METHODS:
-        if cfg.method.k is None:
-            _fraction(cfg, "method.k_fraction")
+def _eval_config(node: DictConfig) -> EvalConfig:
+    known = metric_types()
+    values, metrics = {}, {}
+    for key in node:
+        if key in EVAL_SETTINGS:
+            values[key] = node[key]
+        elif key in known:
+            metrics[key] = _typed(node[key], known[key].config_type, f"eval.{key}")
         else:
-            _count(cfg, "method.k", allow_none=False, minimum=1)
-        _choice(cfg, "method.sign", SIGNS)
-        _choice(cfg, "method.mode", NEURON_MODES)
-        _validate_score(cfg)
-        _fraction(cfg, "method.universal.top_fraction")
-        _fraction(cfg, "method.universal.threshold")
-        _validate_layer_range(cfg)
-    elif cfg.method.name == "router":  # mixtures of experts (issue 27)
-        _count(cfg, "method.n_experts", allow_none=False, minimum=1)
-        _choice(cfg, "method.sign", SIGNS)
-        scale = cfg.method.scale
-        if not isinstance(scale, int | float) or isinstance(scale, bool) or scale <= 0:
-            _fail("method.scale", "a gate-logit shift > 0", scale)
-        _validate_layer_range(cfg)
-    else:
-        _fraction(cfg, "method.layer_fraction", low_open=False)
-        _count(cfg, "method.layer")
+            raise ConfigError(f"eval.{key}: unknown key; eval holds {', '.join(EVAL_SETTINGS)} and the metrics "
+                              f"{', '.join(known)}")
+    return EvalConfig(**values, metrics=metrics)
 
 
-def _validate_score(cfg: DictConfig) -> None:
-    """method.score and the settings its metric needs (cna.attribution)."""
-    _choice(cfg, "method.score", SCORES)
-    _fraction(cfg, "method.direction_layer_fraction", low_open=False)
-    _count(cfg, "method.direction_layer")
-    if cfg.method.score in GRADIENT_SCORES and cfg.method.position != "last":
-        _fail("method.position", f"last for method.score={cfg.method.score} (gradients at the last prompt token)",
-              cfg.method.position)
-    starts = cfg.method.refusal_starts
-    if cfg.method.score == "attribution" and (not starts or not all(isinstance(s, str) and s for s in starts)):
-        _fail("method.refusal_starts", "a non-empty list of response openings such as \"I'm sorry\"",
-              OmegaConf.to_object(starts) if isinstance(starts, ListConfig) else starts)
+# --- Hydra --------------------------------------------------------------------------------------------------------
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (again after a plug-in registers itself: stores are idempotent)."""
+    store = ConfigStore.instance()
+    store.store(name="_job_schema", node=JobSchema)
+    store.store(group="model", name="_schema", node=ModelConfig)
+    store.store(group="prompts", name="_schema", node=PromptsConfig)
+    store.store(group="logger", name="_schema", node=LoggerConfig)
+    for name, method in method_types().items():
+        store.store(group="method", name=f"_{name}_schema", node=_schema_node(method.config_type))
+    for name, metric in metric_types().items():
+        # A metric of named sets is typed when JobConfig reads it: OmegaConf cannot add an entry to a typed dict
+        # from the command line (`+eval.generalisation.NAME={...}`).
+        typed = typing.get_origin(metric.config_type) is not dict
+        store.store(group="metric", name=f"_{name}_schema", node=_schema_node(metric.config_type) if typed else {})
+    store.store(group="eval/judge", name="_schema", node=_schema_node(metric_types()["judge"].config_type))
 
 
-def _validate_layer_range(cfg: DictConfig) -> None:
-    """method.layers: null, layer indices [start, stop), or fractions of depth such as [0.9, 1.0] (the final 10%)."""
-    layers = cfg.method.layers
-    if layers is None:
-        return
-    values = list(layers) if isinstance(layers, ListConfig) else None
-    if values is not None and len(values) == 2 and values[0] is not None:
-        start, stop = values
-        numbers = all(v is None or isinstance(v, int | float) and not isinstance(v, bool) for v in (start, stop))
-        if numbers and (isinstance(start, float) or isinstance(stop, float)):
-            if 0 <= start < (1.0 if stop is None else stop) <= 1:
-                return
-        elif numbers and start >= 0 and (stop is None or start < stop):
-            return
-    _fail("method.layers", "null, layer indices [start, stop) with 0 <= start < stop, or fractions of depth "
-          "[a, b) with 0 <= a < b <= 1 such as [0.9, 1.0] (stop null: to the last layer)",
-          OmegaConf.to_object(layers) if isinstance(layers, ListConfig) else layers)
+register_schemas()
 
 
-def _validate_sweep(cfg: DictConfig) -> None:
-    if cfg.multipliers is not None:
-        if cfg.method.name not in NEURON_METHODS:
-            _fail("multipliers", f"null for method {cfg.method.name} (multipliers scale neurons)",
-                  OmegaConf.to_object(cfg.multipliers))
-        for i, value in enumerate(cfg.multipliers):
-            if not isinstance(value, int | float) or value < 0:
-                _fail(f"multipliers[{i}]", "a number >= 0", value)
-        return
-    if not cfg.alphas:
-        _fail("alphas", "a non-empty list of numbers in [0, 1]", cfg.alphas)
-    for i, value in enumerate(cfg.alphas):
-        if not isinstance(value, int | float) or not 0 <= value <= 1:
-            _fail(f"alphas[{i}]", "a number in [0, 1]", value)
+def compose_job(overrides: list[str] = (), config_dir: str | Path = CONF) -> JobConfig:
+    """The job `launch.py OVERRIDES` would run, composed without running it; ConfigError in one line."""
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            cfg = compose("config", overrides=list(overrides))
+    except Exception as error:  # noqa: BLE001 - Hydra's override and composition errors have no common base
+        raise ConfigError(_one_line(error)) from error
+    return JobConfig.from_hydra(cfg)
+
+
+def compose_typed(config_name: str, overrides: list[str], config_type: type) -> Any:
+    """Another config of conf/ (e.g. conf/organism.yaml) with overrides, as its dataclass; ConfigError in one line."""
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides))
+    except Exception as error:  # noqa: BLE001 - Hydra's override and composition errors have no common base
+        raise ConfigError(_one_line(error)) from error
+    return _typed(cfg, config_type, "")
+
+
+def judge_group_overrides(overrides: list[str]) -> list[str]:
+    """`eval.judge=NAME` (the form a reader expects) as Hydra's group syntax `eval/judge=NAME`.
+
+    Hydra reads `eval.judge=strongreject` as a value for the config node, which fails; the group
+    syntax selects the config file. Multirun lists (`eval.judge=yesno,strongreject`) are rewritten too.
+    """
+    rewritten = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key == "eval.judge" and value and all(name in JUDGES for name in value.split(",")):
+            override = f"eval/judge={value}"
+        rewritten.append(override)
+    return rewritten
+
+
+def override_problem(arguments: list[str], config_dir: str | Path = CONF) -> str | None:
+    """Compose a command line's config once (each value of a sweep in turn) and say in one line what is wrong
+    with it, or None: Hydra's own composition errors take several lines and no exit status of ours."""
+    flags = [a for a in arguments if a.startswith("-")]
+    if any(flag not in ("-m", "--multirun") for flag in flags):
+        return None  # Hydra's other flags (--cfg, --config-dir, ...) are Hydra's business
+    settings = [a for a in arguments if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(settings)
+    except Exception as error:  # noqa: BLE001 - a malformed override
+        return _one_line(error)
+    base = [o.input_line for o in parsed if not o.is_sweep_override()]
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    firsts = [f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps]
+    trials = [base + firsts] + [base + firsts[:i] + [f"{o.get_key_element()}={value}"] + firsts[i + 1:]
+                                for i, o in enumerate(sweeps) for value in list(o.sweep_string_iterator())[1:]]
+    for trial in trials:
+        try:
+            compose_job(trial, config_dir)
+        except ConfigError as error:
+            return str(error)
+    return None
+
+
+# OmegaConf's reasons, said as the rest of cna says them.
+_REASONS = (
+    (re.compile(r"Value '(.*)' of type '\w+' could not be converted to Integer"), r"expected an integer, got '\1'"),
+    (re.compile(r"Value '(.*)' of type '\w+' could not be converted to Float"), r"expected a number, got '\1'"),
+    (re.compile(r"Value '(.*)' is not a valid bool.*"), r"expected true or false, got '\1'"),
+    (re.compile(r"Key '.*' (?:not in '(\w+)'|is not in struct)"), r"unknown key (not in \1)"),
+    (re.compile(r"Invalid value assigned: \w+ is not a ListConfig, list or tuple\."), "expected a list"),
+)
+
+
+def _one_line(error: BaseException, prefix: str = "") -> str:
+    """Hydra's and OmegaConf's messages (an override, a reason, `full_key: ...`) as `key: reason`."""
+    reasons = [error]
+    while reasons[-1].__cause__ is not None:
+        reasons.append(reasons[-1].__cause__)
+    innermost = reasons[-1]
+    key = getattr(innermost, "full_key", None)
+    message = next((line.strip() for line in str(innermost).splitlines() if line.strip()), type(innermost).__name__)
+    for pattern, said in _REASONS:
+        if pattern.fullmatch(message):
+            message = pattern.sub(said, message).replace(" (not in )", "")
+            break
+    if key:
+        return f"{prefix}{key}: {message}"
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"{first}: {message}" if innermost is not error and message not in first else first

@@ -64,10 +64,22 @@ def read_prompt_file(path: str | Path, column: str | None = None, where: dict | 
 
 
 def _select(rows: list[dict], column: str | None, where: dict | None, origin) -> list[str]:
-    """The `column` of the rows whose fields equal `where`'s values; names match in any case."""
+    """The `column` of the rows whose fields equal `where`'s values; names match in any case. A prompt must be
+    text: a number, a null or a nested value in the column is one line naming its row."""
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ConfigError(f"prompt file '{origin}': row {number} is a {type(row).__name__}, not an object with "
+                              "named fields (or give every row as a string)")
+    numbered = list(enumerate(rows, 1))
     for key, value in (where or {}).items():
-        rows = [row for row in rows if str(row[_find_column(row, key, origin)]) == str(value)]
-    return [str(row[_find_column(row, column, origin)]) for row in rows]
+        numbered = [(n, row) for n, row in numbered if str(row[_find_column(row, key, origin)]) == str(value)]
+    prompts = []
+    for number, row in numbered:
+        value = row[_find_column(row, column, origin)]
+        if not isinstance(value, str):
+            raise ConfigError(f"prompt file '{origin}': row {number}'s '{column}' is {json.dumps(value)}, not text")
+        prompts.append(value)
+    return prompts
 
 
 def _find_column(row: dict, column: str | None, origin) -> str:

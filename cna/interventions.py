@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 
 import torch
@@ -45,7 +45,7 @@ from cna.export import baked_weights as baked_weights  # re-exported: steering a
 from cna.export import export_baked_model as export_baked_model
 from cna.export import export_orthogonalised_model as export_orthogonalised_model
 from cna.hooks import Hook, TensorMap, attached, map_input, map_output
-from cna.models import ArchitectureAdapter
+from cna.models import ArchitectureAdapter, is_offloaded, is_quantized_module
 
 POSITIONS = ("all", "prompt", "generated")
 NEURON_MODES = ("scale", "mean")
@@ -94,6 +94,20 @@ class Intervention(ABC):
     @abstractmethod
     def hooks(self, alpha: float) -> list[Hook]:
         """The hooks that apply this intervention at strength alpha."""
+
+    def multiply(self, multiplier: float):
+        """Context manager: the strength as a multiplier m = 1 - alpha (neuron methods also take m > 1)."""
+        return self.steer(1.0 - multiplier)
+
+    def first_steered_layer(self) -> int | None:
+        """The lowest decoder layer whose computation it changes (layers below run as unsteered: prefix reuse);
+        None where it changes every layer."""
+        return None
+
+    def baked(self, multiplier: float) -> AbstractContextManager | None:
+        """A context in which the model's weights carry the intervention at `multiplier` (restored on leaving),
+        or None where weights cannot carry it."""
+        return None
 
     @contextmanager
     def _attached(self, hooks: list[Hook]) -> Iterator[None]:
@@ -174,6 +188,19 @@ class NeuronScale(Intervention):
         if multiplier < 0:
             raise ConfigError(f"multiplier must be >= 0, got {multiplier}")
         return self._attached(self._scale_hooks(float(multiplier)))
+
+    def first_steered_layer(self) -> int | None:
+        return min(self.circuit.by_layer())
+
+    def baked(self, multiplier: float) -> AbstractContextManager | None:
+        """Scale mode at every position, in circuit layers held in memory at full precision: the multipliers
+        written into `down_proj` (cna.export.baked_weights)."""
+        if self.mode != "scale" or self.positions != "all":
+            return None
+        sites = [self.adapter.neuron_sites[layer] for layer in self.circuit.by_layer()]
+        if any(is_quantized_module(site) or is_offloaded(site) for site in sites):
+            return None
+        return baked_weights(self.adapter, self.circuit, multiplier)
 
     def _scale_hooks(self, multiplier: float) -> list[Hook]:
         hooks, routed = [], {}
@@ -262,6 +289,9 @@ class RouterBias(Intervention):
                 shift[entry["expert"]] = entry["shift"]
             self._shifts[layer] = shift
 
+    def first_steered_layer(self) -> int | None:
+        return min(self._shifts)  # routing changes inside layer L's MoE block
+
     def hooks(self, alpha: float) -> list[Hook]:
         hooks = []
         for layer, shift in self._shifts.items():
@@ -291,6 +321,9 @@ class SteeringVector(Intervention):
         self.layer = direction.source_layer
         self.scale = float(scale)
         self._vector = torch.tensor(direction.vector, dtype=torch.float64)
+
+    def first_steered_layer(self) -> int | None:
+        return self.layer  # its hook edits layer L's output, so layer L itself must run
 
     def hooks(self, alpha: float) -> list[Hook]:
         shift = _DeviceCache(alpha * self.scale * self._vector)

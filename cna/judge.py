@@ -27,48 +27,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from cna.config import validate_judge
+from cna.config import compose_job, judge_group_overrides
 from cna.errors import CnaError, ConfigError
-from cna.evaluation.judges import JUDGES, Judge, describe, judge_point, make_judge
+from cna.evaluation.judges import Judge, JudgeConfig, JudgeMetric, describe, judge_point, make_judge
+from cna.io import write_json_atomic, write_text_atomic
 from cna.report import run_plots
-from cna.run_folder import GENERATIONS, RESULTS, write_json_atomic, write_text_atomic
+from cna.run_folder import GENERATIONS, RESULTS, JobResults, Point
+from cna.schema import check_settings
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 log = logging.getLogger(__name__)
 
 
-def judge_group_overrides(overrides: list[str]) -> list[str]:
-    """`eval.judge=NAME` (the form a reader expects) as Hydra's group syntax `eval/judge=NAME`.
-
-    Hydra reads `eval.judge=strongreject` as a value for the config node, which fails; the group
-    syntax selects the config file. Multirun lists (`eval.judge=yesno,strongreject`) are rewritten too.
-    """
-    rewritten = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        names = value.split(",")
-        if key == "eval.judge" and value and all(name in JUDGES for name in names):
-            override = f"eval/judge={value}"
-        rewritten.append(override)
-    return rewritten
-
-
-def compose_judge(overrides: list[str]) -> dict:
+def compose_judge(overrides: list[str]) -> JudgeConfig:
     """The judge settings that `overrides` give the job config, checked; ConfigError on anything wrong."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose("config", overrides=judge_group_overrides(overrides))
-    except Exception as error:  # noqa: BLE001 - Hydra's override and composition errors have no common base
-        raise ConfigError(f"overrides {' '.join(overrides)}: {str(error).splitlines()[0]}") from error
-    validate_judge(cfg)
-    if cfg.eval.judge.name == "none":
+    judge = compose_job(judge_group_overrides(overrides)).eval.metrics["judge"]
+    check_settings(judge, "eval.judge")
+    JudgeMetric.check(judge)
+    if judge.name == "none":
         raise ConfigError("eval.judge: expected one of yesno, strongreject, rating (e.g. eval.judge=strongreject), "
                           "got 'none'")
-    return OmegaConf.to_container(cfg.eval.judge, resolve=True)
+    return judge
 
 
 def run_folders(folder: Path) -> list[Path]:
@@ -79,22 +57,24 @@ def run_folders(folder: Path) -> list[Path]:
     return found
 
 
-def rejudge_run(run_dir: Path, judge: Judge, description: dict) -> dict:
+def rejudge_run(run_dir: Path, judge: Judge, description: dict) -> JobResults:
     """Judge one run's generations; rewrite its generations.jsonl and results.json; return the results."""
-    results = json.loads((run_dir / RESULTS).read_text(encoding="utf-8"))
+    results = JobResults.from_dict(json.loads((run_dir / RESULTS).read_text(encoding="utf-8")))
     lines = (run_dir / GENERATIONS).read_text(encoding="utf-8").splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
     by_alpha: dict[float, list[dict]] = defaultdict(list)
     for record in records:
         by_alpha[record["alpha"]].append(record)
     started = time.perf_counter()
-    for point in results["points"]:
-        if by_alpha.get(point["alpha"]):
-            judge_point(judge, point, by_alpha[point["alpha"]])
-    results["judge"] = description
-    results.setdefault("timings_s", {})["judge"] = round(time.perf_counter() - started, 3)
+    for i, point in enumerate(results.points):
+        if by_alpha.get(point.alpha):
+            values = point.to_dict()
+            judge_point(judge, values, by_alpha[point.alpha])
+            results.points[i] = Point.from_dict(values)
+    results.extra["judge"] = description
+    results.timings_s["judge"] = round(time.perf_counter() - started, 3)
     write_text_atomic(run_dir / GENERATIONS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    write_json_atomic(run_dir / RESULTS, results)
+    write_json_atomic(run_dir / RESULTS, results.to_dict())
     try:
         run_plots(run_dir)  # judge_vs_keyword.png beside the run's other figures
     except Exception as error:  # noqa: BLE001 - a plotting problem never undoes the judging
@@ -162,11 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         for run_dir in folders:
             asked, hits = judge.questions_asked, judge.cache.hits if judge.cache else 0
             results = rejudge_run(run_dir, judge, describe(settings))
-            rates = ", ".join(f"alpha {p['alpha']:g}: {p.get('judge_refusal_rate')}" for p in results["points"])
-            failures = sum(p.get("judge_parse_failures") or 0 for p in results["points"])
+            rates = ", ".join(f"alpha {p.alpha:g}: {p.value('judge_refusal_rate')}" for p in results.points)
+            failures = sum(p.value("judge_parse_failures", 0) for p in results.points)
             print(f"{run_dir}: judge refusal {rates}; unreadable {failures}; "
                   f"{judge.questions_asked - asked} questions asked, "
-                  f"{(judge.cache.hits if judge.cache else 0) - hits} cached; {results['timings_s']['judge']:.1f} s")
+                  f"{(judge.cache.hits if judge.cache else 0) - hits} cached; {results.timings_s['judge']:.1f} s")
     except CnaError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -440,24 +440,29 @@ def _offload_error(spec: ModelSpec, error: ValueError) -> CnaError | None:
 
 
 def activation_identity(lm: LoadedModel) -> dict:
-    """Everything about the loaded model that changes its activations: the statistics cache keys on it.
+    """Everything about the loaded model that changes its activations: the statistics cache keys on it."""
+    return activation_identity_of(lm.model, source=lm.source, revision=lm.spec.revision)
 
-    The parameter dtype alone reads bfloat16 for bfloat16, 4-bit and 8-bit models alike, so the
-    quantisation settings, the attention implementation and the device type go in too.
-    """
-    config = lm.model.config
+
+def activation_identity_of(model: nn.Module, *, source: str | None = None, revision: str | None = None) -> dict:
+    """What changes a model's activations: where it came from, revision, dtype, quantisation settings, attention
+    implementation and device type (the parameter dtype alone reads bfloat16 for bfloat16, 4-bit and 8-bit models
+    alike). `source` defaults to the folder or hub id the model was loaded from."""
+    config = model.config
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
     identity = {
-        "source": lm.source,
-        "revision": lm.spec.revision,
-        "dtype": str(lm.model.dtype),
+        "source": source or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),
+        "revision": revision,
+        "dtype": str(model.dtype),
         "quantization": None if quantization is None else {k: _plain(v) for k, v in sorted(quantization.items())},
         "attention": getattr(config, "_attn_implementation", None),
-        "device": input_device(lm.model).type,
+        "device": input_device(model).type,
     }
-    if lm.adapter.has_experts:  # the experts kernel changes sums in the last bits (dense models' keys are unchanged)
+    # A mixture of experts' kernel changes sums in the last bits (dense models' keys are unchanged).
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None and family.experts:
         identity["experts"] = getattr(config, "_experts_implementation", None)
     return identity
 

@@ -39,24 +39,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from cna.hooks import Hook, attached, first_tensor
-from cna.interventions import Intervention, NeuronScale, RouterBias, SteeringVector
+from cna.interventions import Intervention
+from cna.io import save_atomically
 from cna.models import ArchitectureAdapter
-from cna.run_folder import save_atomically
 
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-
-
-def first_steered_layer(intervention: Intervention | None) -> int | None:
-    """The lowest decoder layer whose computation the intervention changes; None where it changes all of them."""
-    if isinstance(intervention, NeuronScale):
-        return min(intervention.circuit.by_layer())
-    if isinstance(intervention, SteeringVector):
-        return intervention.layer  # its hook edits layer L's output, so layer L itself must run
-    if isinstance(intervention, RouterBias):
-        return min(intervention.choice.by_layer())  # routing changes inside layer L's MoE block
-    return None
 
 
 class _Entering(nn.Module):
@@ -284,7 +273,7 @@ def _layer_container(adapter: ArchitectureAdapter) -> nn.ModuleList:
 def prefix_reuse(adapter: ArchitectureAdapter, intervention: Intervention | None, *, memory_mib: float,
                  disk_mib: float, store: PrefixStore | None = None) -> LayerPrefixReuse | None:
     """Reuse for this intervention, or None where nothing below its lowest layer is left to skip."""
-    layer = first_steered_layer(intervention)
+    layer = None if intervention is None else intervention.first_steered_layer()
     if layer is None or layer == 0 or (memory_mib + disk_mib <= 0 and store is None):
         return None
     return LayerPrefixReuse(adapter, layer, memory_mib=memory_mib, disk_mib=disk_mib, store=store)

@@ -1,8 +1,9 @@
-"""The run folder contract: its file names, atomic writes, resume, and recording a failed job.
+"""The run folder contract: its file names, the typed results (`Point`, `JobResults`), resume, and recording a
+failed job.
 
 A job writes `circuit.json`, then after every strength point `results.json` (rewritten atomically) and the
 point's lines of `generations.jsonl`; the fields of each are listed in DESIGN.md ("Output contract"). Every
-writer here leaves the old file or the new one on disk, never half of one, so a job killed at any moment
+writer leaves the old file or the new one on disk, never half of one (cna.io), so a job killed at any moment
 can be resumed.
 """
 
@@ -12,18 +13,14 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
+from cna.circuit import Circuit
 from cna.errors import CnaError
-
-if TYPE_CHECKING:
-    from cna.circuit import Circuit
+from cna.io import read_json, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -36,54 +33,76 @@ POINT_FIELDS = ("alpha", "multiplier", "refusal_rate", "refusal_ci95", "quality"
                 "kl_divergence", "over_refusal_rate", "n_prompts")
 
 
-def config_sha256(cfg: DictConfig) -> str:
+def config_sha256(settings: dict) -> str:
     """What makes two jobs the same (and a run folder resumable): the resolved config less bookkeeping keys."""
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("resume", "logger", "hydra"):
-        settings.pop(key, None)
+    settings = {key: value for key, value in settings.items() if key not in ("resume", "logger", "hydra")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
-def save_atomically(path: str | Path, save: Callable[[Path], object]) -> Path:
-    """Call `save(temporary)` beside `path`, then rename: parallel jobs and readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save(Path(temporary))
-        os.replace(temporary, path)
-    finally:
-        Path(temporary).unlink(missing_ok=True)
-    return path
+@dataclass
+class Point:
+    """One strength point of results.json: the contract's fields (DESIGN.md), then every other field the job's
+    metrics measured (intervals, per-set rates, a judge's verdicts, plug-in metrics) in `extra`."""
+
+    alpha: float
+    multiplier: float | None = None
+    refusal_rate: float | None = None
+    refusal_ci95: list[float] | None = None
+    quality: float | None = None
+    degenerate_rate: float | None = None
+    mmlu_accuracy: float | None = None
+    kl_divergence: float | None = None
+    over_refusal_rate: float | None = None
+    n_prompts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, name: str, default: Any = None) -> Any:
+        """A field by name, contract or extra (None or `default` where the job did not measure it)."""
+        found = getattr(self, name) if name in POINT_FIELDS else self.extra.get(name)
+        return default if found is None else found
+
+    def to_dict(self) -> dict:
+        return {**{name: getattr(self, name) for name in POINT_FIELDS}, **self.extra}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Point:
+        known = {name: data[name] for name in POINT_FIELDS if name in data}
+        return cls(**known, extra={k: v for k, v in data.items() if k not in POINT_FIELDS})
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write a file so that a killed process leaves the old file or the new one, never half of one."""
-    return save_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+@dataclass
+class JobResults:
+    """results.json: the job's identity and status, its points and seconds per stage, then the job-level fields
+    its metrics and caches add (`extra`: config_sha256, in_sample, kl_direction, judge, prefix_reuse, ...)."""
 
+    model: str
+    method: str
+    status: str = "running"  # running | complete | failed
+    points: list[Point] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    error: str | None = None  # the one-line reason of a failed job
+    extra: dict[str, Any] = field(default_factory=dict)
 
-def write_json_atomic(path: str | Path, data: dict) -> Path:
-    """Write JSON so that a killed process leaves the old file or the new one, never half of one."""
-    return write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+    @property
+    def complete(self) -> bool:
+        return self.status == "complete"
 
+    def to_dict(self) -> dict:
+        data = {"model": self.model, "method": self.method, "status": self.status, **self.extra,
+                "points": [point.to_dict() for point in self.points], "timings_s": self.timings_s}
+        return data | ({"error": self.error} if self.error is not None else {})
 
-def read_json(path: str | Path) -> dict:
-    """A JSON object from a file; a missing, broken or non-UTF-8 file is one line naming it (CnaError)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as error:
-        raise CnaError(f"'{path}' does not exist") from error
-    except UnicodeDecodeError as error:
-        raise CnaError(f"'{path}' is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
-                       f"{error.start})") from error
-    except json.JSONDecodeError as error:
-        raise CnaError(f"'{path}' is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})"
-                       ) from error
-    if not isinstance(data, dict):
-        raise CnaError(f"'{path}' holds a JSON {type(data).__name__}; expected an object")
-    return data
+    @classmethod
+    def from_dict(cls, data: dict) -> JobResults:
+        """Any results.json, old or new; a point that is not an object with a number alpha is dropped."""
+        points = [Point.from_dict(p) for p in data.get("points") or []
+                  if isinstance(p, dict) and isinstance(p.get("alpha"), int | float)
+                  and not isinstance(p["alpha"], bool)]
+        timings = data.get("timings_s") if isinstance(data.get("timings_s"), dict) else {}
+        own = {"model", "method", "status", "points", "timings_s", "error"}
+        return cls(model=str(data.get("model", "?")), method=str(data.get("method", "?")),
+                   status=str(data.get("status", "unknown")), points=points, timings_s=dict(timings),
+                   error=data.get("error"), extra={k: v for k, v in data.items() if k not in own})
 
 
 def read_overrides(run_dir: Path) -> list[str]:
@@ -103,8 +122,6 @@ def read_overrides(run_dir: Path) -> list[str]:
 def read_circuit(run_dir: Path) -> Circuit | dict | None:
     """The folder's circuit.json: a Circuit (neuron methods), the file's object (residual directions),
     or None when it is absent or unreadable."""
-    from cna.circuit import Circuit  # cna.circuit writes through this module
-
     try:
         data = read_json(Path(run_dir) / CIRCUIT)
     except (OSError, CnaError):
@@ -125,7 +142,7 @@ def move_aside(path: Path, problem: str) -> Path:
     return aside
 
 
-def read_results(run_dir: Path) -> dict | None:
+def read_results(run_dir: Path) -> JobResults | None:
     """The folder's results.json, or None when there is none; an unreadable one is moved aside (None)."""
     path = Path(run_dir) / RESULTS
     if not path.is_file():
@@ -138,13 +155,13 @@ def read_results(run_dir: Path) -> dict | None:
     if not isinstance(results.get("points"), list):
         move_aside(path, "not a results object with a list of points")
         return None
-    return results
+    return JobResults.from_dict(results)
 
 
-def previous_results(run_dir: Path, config_sha256: str) -> dict | None:
+def previous_results(run_dir: Path, config_sha256: str) -> JobResults | None:
     """What an earlier run of the same config left in the folder (complete or not), to resume from."""
     results = read_results(run_dir)
-    return results if results is not None and results.get("config_sha256") == config_sha256 else None
+    return results if results is not None and results.extra.get("config_sha256") == config_sha256 else None
 
 
 def keep_finished_generations(run_dir: Path, finished: set[float]) -> list[dict]:
@@ -169,11 +186,10 @@ def append_generations(run_dir: Path, records: list[dict]) -> None:
         lines.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
-def record_failure(run_dir: Path, *, model: str, method: str, config_sha256: str | None, error: str) -> dict:
+def record_failure(run_dir: Path, *, model: str, method: str, config_sha256: str | None, error: str) -> JobResults:
     """Mark the job failed in results.json with its one-line reason, keeping any points it finished."""
-    results = (config_sha256 and previous_results(run_dir, config_sha256)) or {
-        "model": model, "method": method, "status": "failed", "config_sha256": config_sha256, "points": [],
-        "timings_s": {}}
-    results.update(status="failed", error=error)
-    write_json_atomic(Path(run_dir) / RESULTS, results)
+    results = (config_sha256 and previous_results(run_dir, config_sha256)) or JobResults(
+        model, method, extra={"config_sha256": config_sha256})
+    results.status, results.error = "failed", error
+    write_json_atomic(Path(run_dir) / RESULTS, results.to_dict())
     return results

@@ -1,10 +1,9 @@
 import json
 
 import pytest
-from test_pipeline import small_job
+from test_pipeline import run, small_job
 
 from cna.cli import main
-from cna.pipeline import run
 
 
 def test_discover_writes_the_circuit_and_prints_both_columns(tiny_folder, tmp_path, capsys):

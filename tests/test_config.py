@@ -6,11 +6,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.types import RunMode
-from omegaconf import OmegaConf
 
-from cna.config import validate
+from cna.config import JobConfig, compose_job
 from cna.errors import ConfigError
-from cna.pipeline import load_job_data
+from cna.pipeline import prepare_data
+from cna.validation import validate
 from conftest import data_dir
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -20,23 +20,22 @@ PAPER_MODELS = [f"{family}_{size}{kind}" for family, sizes in (("llama3", ["1b",
                 for size in sizes for kind in ("", "_base")]
 
 
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+def composed(*overrides: str) -> JobConfig:
+    return compose_job(list(overrides))
 
 
 MOE_MODELS = ["qwen3_30b_a3b", "mixtral_8x7b", "olmoe_1b_7b", "gpt_oss_20b", "tiny_moe"]  # issue 27
 
 
 def test_the_papers_sixteen_models_and_the_offline_ones_have_configs():
-    assert set(PAPER_MODELS) | {"smollm2_135m", "qwen_coder_0_5b", "gemma3_270m", "tiny_random"} | set(MOE_MODELS) \
-        == set(MODELS)
+    offline = {"smollm2_135m", "qwen_coder_0_5b", "gemma3_270m", "tiny_random"}
+    organisms = {"smollm2_135m_organism", "smollm2_135m_organism_early"}  # built here by `python -m cna.organism`
+    assert set(PAPER_MODELS) | offline | organisms | set(MOE_MODELS) == set(MODELS)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_every_model_config_composes_with_sensible_defaults(model):
     cfg = composed(f"model={model}")
-    OmegaConf.resolve(cfg)
     assert cfg.model.template == ("raw" if model.endswith("_base") or model == "gemma3_270m" else "chat")
     if model.startswith(("llama3_70b", "qwen_72b")):
         assert cfg.model.device_map == "auto"
@@ -59,10 +58,9 @@ def model_stub(tmp_path) -> Path:
     return tmp_path / "stub"
 
 
-def validate_with(cfg, model_folder: Path) -> None:
-    cfg = cfg.copy()
-    cfg.model.path = str(model_folder)
-    validate(cfg)
+def validate_with(job: JobConfig, model_folder: Path) -> None:
+    job.model.path = str(model_folder)
+    validate(job)
 
 
 BAD_VALUES = [
@@ -83,35 +81,40 @@ BAD_VALUES = [
     (["method.direction_layer_fraction=2"], "method.direction_layer_fraction: expected a number in [0, 1], got 2"),
     (["method.universal.threshold=0"], "method.universal.threshold: expected a number in (0, 1], got 0"),
     (["method.layers=[5,2]"], "method.layers: expected null, layer indices [start, stop)"),
-    (["prompts.n_positive=0"], "prompts.n_positive: expected an integer >= 1 or null, got 0"),
+    (["prompts.n_positive=0"], "prompts.n_positive: expected an integer >= 1, got 0"),
     (["eval.refusal.n=-1"], "eval.refusal.n: expected an integer >= 0, got -1"),
     (["batch_size=0"], "batch_size: expected an integer >= 1, got 0"),
-    (["discovery_batch_tokens=0"], "discovery_batch_tokens: expected an integer >= 1 or null, got 0"),
+    (["discovery_batch_tokens=0"], "discovery_batch_tokens: expected an integer >= 1, got 0"),
     (["model.dtype=float8"], "model.dtype: expected one of auto, float32, bfloat16, float16, got 'float8'"),
     (["logger=none", "logger.name=mlflow"], "logger.name: expected one of wandb, none, got 'mlflow'"),
     (["method.layers=[-1,null]"], "method.layers: expected null, layer indices [start, stop)"),
     (["method.layers=[0.9,0.5]"], "method.layers: expected null, layer indices [start, stop)"),
     (["method.layers=[0.5,1.5]"], "method.layers: expected null, layer indices [start, stop)"),
-    (["method.layers=final"], "method.layers: expected null, layer indices [start, stop)"),
+    (["method.layers=final"], "method.layers: expected a list"),
     (["eval.kl.direction=forward"], "eval.kl.direction: expected one of steered||unsteered, unsteered||steered"),
-    (["reuse_baseline=maybe"], "reuse_baseline: expected one of True, False, got 'maybe'"),
-    (["search={objectives:[mmlu_accuracy]}"], "search.objectives[0]: expected one of refusal_rate, kl_divergence"),
+    (["reuse_baseline=maybe"], "reuse_baseline: expected true or false, got 'maybe'"),
+    (["method=caa", "method.scale=abc"], "method.scale: expected a number, got 'abc'"),
+    (["seed=abc"], "seed: expected an integer, got 'abc'"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode: expected one of auto, online, offline, disabled, got "
+                                            "'bogus'"),
+    (["eval.bogus=1"], "eval.bogus: unknown key"),
+    (["search={objectives:[mmlu_accuracy]}"], "search.objectives[0]: expected one of refusal_rate, "
+                                              "over_refusal_rate, kl_divergence"),
     (["search={objectives:[kl_divergence]}", "eval.kl.n=0"],
-     "search.objectives[0]: expected a metric this job measures (eval.kl.n is off)"),
+     "search.objectives[0]: expected a metric this job measures (eval.kl is off)"),
     (["search={objectives:[refusal_rate],min_quality:1.5}"], "search.min_quality: expected a number in [0, 1]"),
     (["eval/judge=rating", "eval.judge.backend=vllm"], "eval.judge.backend: expected one of hf, openai, got 'vllm'"),
     (["eval/judge=strongreject", "eval.judge.backend=openai", "eval.judge.base_url=localhost:8000"],
      "eval.judge.base_url: expected an http(s) URL"),
     (["eval/judge=yesno", "eval.judge.concurrency=0"], "eval.judge.concurrency: expected an integer >= 1"),
-    (["eval/judge=yesno", "eval.judge.timeout_s=-1"], "eval.judge.timeout_s: expected a number of seconds > 0"),
+    (["eval/judge=yesno", "eval.judge.timeout_s=-1"], "eval.judge.timeout_s: expected a number > 0"),
 ]
 
 
 @pytest.mark.parametrize(("overrides", "message"), BAD_VALUES)
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, message, model_stub):
-    cfg = composed(*overrides)
     with pytest.raises(ConfigError) as error:
-        validate_with(cfg, model_stub)
+        validate_with(composed(*overrides), model_stub)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
 
 
@@ -139,16 +142,16 @@ def test_missing_model_folder(tmp_path, monkeypatch):
 def test_missing_data_file_empty_set_and_oversized_eval(tmp_path):
     missing = composed(f"data_dir={tmp_path}", "eval.refusal.source.hub=null")
     with pytest.raises(ConfigError, match="prompt file '.*jbb_behaviors/harmful-behaviors.csv' does not exist"):
-        load_job_data(missing)
+        prepare_data(missing)
     (tmp_path / "empty.txt").write_text("\n")
     (tmp_path / "one.txt").write_text("only prompt\n")
     base = ["eval.mmlu.n=0", "eval.kl.n=0", "eval.over_refusal.jbb_benign.n=0", "eval.over_refusal.xstest_safe.n=0",
             f"eval.refusal.source.path={tmp_path / 'one.txt'}", "eval.refusal.n=1", "prompts.dedup=false",
             f"prompts.negative.path={tmp_path / 'one.txt'}", "prompts.n_negative=null", "prompts.n_positive=null"]
     with pytest.raises(ConfigError, match="prompts.positive: the prompt set is empty"):
-        load_job_data(composed(*base, f"prompts.positive.path={tmp_path / 'empty.txt'}"))
+        prepare_data(composed(*base, f"prompts.positive.path={tmp_path / 'empty.txt'}"))
     with pytest.raises(ConfigError, match="eval.refusal.n: expected at most 100 \\(the dataset's size\\), got 101"):
-        load_job_data(composed("eval.refusal.n=101"))
+        prepare_data(composed("eval.refusal.n=101"))
 
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -164,39 +167,36 @@ def test_every_experiment_composes_for_each_sweep_point(experiment, model_stub):
             if "(" in str(values):  # an Optuna search space (recipe_search): run for real in test_launchers
                 continue
             points = [point + [f"{key}={value}"] for point in points for value in str(values).split(",")]
-        for point in points:
-            validate_with(compose("config", overrides=[f"experiment={experiment}", *point]), model_stub)
+    for point in points:
+        validate_with(composed(f"experiment={experiment}", *point), model_stub)
     assert len(EXPERIMENTS) >= 8
 
 
 @pytest.mark.parametrize("recipe", sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")))
 def test_every_recipe_composes_and_validates(recipe, model_stub):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[f"recipe={recipe}"])
+    cfg = composed(f"recipe={recipe}")
     validate_with(cfg, model_stub)
     assert cfg.method.k_fraction > 0 and cfg.method.sign in ("abs", "positive")
 
 
 def test_the_multiplier_sweep_asks_the_packaged_probes():
-    data = load_job_data(composed("experiment=multiplier_sweep", f"data_dir={data_dir()}", "prompts.n_positive=4",
-                                  "prompts.n_negative=4"))
-    assert "How do I pick a lock?" in data.refusal and len(data.refusal) == 8
+    data = prepare_data(composed("experiment=multiplier_sweep", f"data_dir={data_dir()}", "prompts.n_positive=4",
+                                 "prompts.n_negative=4"))
+    refusal = next(metric for metric in data.metrics if metric.name == "refusal")
+    assert "How do I pick a lock?" in refusal.prompts and len(refusal.prompts) == 8
 
 
 @pytest.mark.parametrize("experiment", ["cna_vs_caa", "mmlu_vs_alpha", "localization", "overlap", "knob_sweep",
-                                        "recipe_search"])
+                                        "recipe_search", "base_vs_aligned"])
 def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)
     assert cfg.hydra.mode == RunMode.MULTIRUN
 
 
-def test_model_keys_are_typed_by_the_schema_from_model_spec(model_stub):
-    from hydra.errors import ConfigCompositionException
-
-    with pytest.raises(ConfigCompositionException) as error:
+def test_model_keys_are_typed_by_the_schema_from_model_spec():
+    with pytest.raises(ConfigError, match="^model.trust_remote_code: expected true or false, got 'maybe'$"):
         composed("model=smollm2_135m", "model.trust_remote_code=maybe")
-    assert "Value 'maybe' is not a valid bool" in f"{error.value} {error.value.__cause__}"
     assert composed("model=smollm2_135m").model.trust_remote_code is False  # the schema's default
-    with pytest.raises(ConfigError, match=r"^model.colour: unknown key; a model config has name, local_name,"):
-        validate_with(composed("model=smollm2_135m", "+model.colour=red"), model_stub)
+    with pytest.raises(ConfigError, match=r"^model.colour: unknown key; model has name, local_name,"):
+        composed("model=smollm2_135m", "+model.colour=red")

@@ -11,16 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import wandb
-from omegaconf import OmegaConf
-from test_pipeline import small_job
+from test_pipeline import run, small_job
 
 from cna import tracking
-from cna.dashboard import DASHBOARD, OPTIONAL, Key, logged_keys, missing_keys
+from cna.config import LoggerConfig
+from cna.dashboard import Key, dashboard_spec, logged_keys, missing_keys
+from cna.dashboard import __main__ as dashboard_command
 from cna.dashboard.__main__ import main
 from cna.dashboard.spec import config, history, summary
 from cna.dashboard.workspace import RunSelection, build_workspace, save_workspace
 from cna.errors import ConfigError
-from cna.pipeline import run
 from cna.tracking import OfflineRun, read_offline_run
 
 GROUP = "multirun/2026-11-22/12-00-00"
@@ -42,7 +42,7 @@ def tiny_job(tiny_folder, tmp_path_factory) -> tuple[Path, OfflineRun]:
     folder = tmp_path_factory.mktemp("dashboard")
     # The universal filter off only saves time: its settings are in the logged config either way.
     cfg = small_job(tiny_folder, folder / "cache", "method=cna", "method.k=6", "method.universal.enabled=false")
-    cfg.logger = OmegaConf.create({"name": "wandb", "project": "cna-test", "entity": None, "mode": "offline"})
+    cfg.logger = LoggerConfig(name="wandb", project="cna-test", entity=None, mode="offline")
     run_dir = folder / "0_tiny_random_cna"
     with pytest.MonkeyPatch.context() as monkeypatch:
         isolate_wandb(monkeypatch, folder)
@@ -57,7 +57,8 @@ def test_every_panel_key_that_is_not_optional_is_logged_by_a_tiny_job(tiny_job, 
     run_dir, logged_run = tiny_job
     assert logged_run.group == GROUP and logged_run.exit_code == 0
     logged = logged_keys([logged_run])
-    required = [key for key in DASHBOARD.used_keys() if key not in OPTIONAL]
+    spec = dashboard_spec()
+    required = [key for key in spec.used_keys() if key not in spec.optional]
     # Not a vacuous check: it covers each source and each panel kind.
     assert {history("refusal_rate"), history("over_refusal/xstest_safe"), summary("kl_divergence"),
             config("method.universal.threshold"), config("model.name"), summary(tracking.FULL_STRENGTH_TABLE),
@@ -65,19 +66,20 @@ def test_every_panel_key_that_is_not_optional_is_logged_by_a_tiny_job(tiny_job, 
     assert missing_keys([logged_run]) == []
     assert set(required) <= logged
     # The optional list holds only keys a default job really does not log: anything else belongs in the check.
-    assert not set(OPTIONAL) & logged
+    assert not set(spec.optional) & logged
     assert main(["--check", str(run_dir)]) == 0
     assert capsys.readouterr().out == "1 W&B run: every dashboard key that is not optional is logged\n"
 
 
 def test_a_renamed_or_unlogged_key_fails_the_check(tiny_job, capsys):
     run_dir, logged_run = tiny_job
+    spec = dashboard_spec()
 
     def renamed(old: Key, new: Key):
         sections = tuple(dataclasses.replace(section, panels=tuple(
             dataclasses.replace(panel, keys=tuple(new if key == old else key for key in panel.keys))
-            for panel in section.panels)) for section in DASHBOARD.sections)
-        return dataclasses.replace(DASHBOARD, sections=sections)
+            for panel in section.panels)) for section in spec.sections)
+        return dataclasses.replace(spec, sections=sections)
 
     assert missing_keys([logged_run], renamed(history("refusal_rate"), history("refusal_rate_keyword"))) == [
         "history:refusal_rate_keyword"]
@@ -91,7 +93,7 @@ def test_a_renamed_or_unlogged_key_fails_the_check(tiny_job, capsys):
     assert missing_keys([logged_run], with_unlogged) == [str(unlogged)]
     # Declared optional, the same key passes; an optional key that no panel reads any more (renamed in the
     # panels only) makes the spec invalid, so the one optional list cannot go stale.
-    declared = dataclasses.replace(with_unlogged, optional={**OPTIONAL, unlogged: "never"})
+    declared = dataclasses.replace(with_unlogged, optional={**spec.optional, unlogged: "never"})
     assert missing_keys([logged_run], declared) == []
     with pytest.raises(ConfigError, match="history:judge_score"):
         missing_keys([logged_run], renamed(history("judge_score"), history("judge_mean_score")))
@@ -124,7 +126,7 @@ def viewspec_keys(viewspec: dict) -> set[str]:
 
 def test_offline_command_writes_the_spec_and_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     isolate_wandb(monkeypatch, tmp_path)
-    monkeypatch.setattr(tracking, "server_reachable", lambda *a, **k: pytest.fail("no key: no network probe"))
+    monkeypatch.setattr(dashboard_command, "server_reachable", lambda *a, **k: pytest.fail("no key: no probe"))
     out = tmp_path / "spec.json"
     args = ["--entity", "team", "--project", "cna", "--group", GROUP, "--tags", "cna", "caa", "--report",
             "--out", str(out)]
@@ -134,22 +136,22 @@ def test_offline_command_writes_the_spec_and_says_so_in_one_line(tmp_path, monke
     assert printed.out.startswith("no W&B API key") and str(out) in printed.out
 
     document = json.loads(out.read_text())
+    spec = dashboard_spec()
     assert (document["entity"], document["project"], document["group"]) == ("team", "cna", GROUP)
-    assert document["dashboard"] == DASHBOARD.to_dict()
+    assert document["dashboard"] == spec.to_dict()
     viewspec = document["workspace_viewspec"]
     sections = viewspec["section"]["panelBankConfig"]["sections"]
-    assert [s["name"] for s in sections] == [s.name for s in DASHBOARD.sections]
-    assert [len(s["panels"]) for s in sections] == [len(s.panels) for s in DASHBOARD.sections]
+    assert [s["name"] for s in sections] == [s.name for s in spec.sections]
+    assert [len(s["panels"]) for s in sections] == [len(s.panels) for s in spec.sections]
     # Every panel of the built workspace reads a key of the spec, and every spec panel key is read by one.
-    assert viewspec_keys(viewspec) == {str(DASHBOARD.x_axis), *(str(key) for panel in DASHBOARD.panels()
-                                                                for key in panel.keys)}
+    assert viewspec_keys(viewspec) == {str(spec.x_axis), *(str(key) for panel in spec.panels() for key in panel.keys)}
     runset = viewspec["section"]["runSets"][0]
     assert {(f["key"]["name"], json.dumps(f["value"])) for f in runset["filters"]["filters"]} == {
         ("group", json.dumps(GROUP)), ("tags", json.dumps(["cna", "caa"]))}
     assert [g["name"] for g in runset["grouping"]] == ["method.value.name", "model.value.name"]
     assert viewspec["section"]["settings"]["xAxis"] == "alpha"
-    assert viewspec["section"]["settings"]["maxRuns"] == DASHBOARD.max_runs == 100
-    assert document["report"]["sections"] == [s.name for s in DASHBOARD.sections]
+    assert viewspec["section"]["settings"]["maxRuns"] == spec.max_runs == 100
+    assert document["report"]["sections"] == [s.name for s in spec.sections]
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(args) == 0

@@ -4,6 +4,8 @@ from scipy.stats import binomtest
 
 from cna.discovery import NeuronScores, select_circuit
 from cna.evaluation.intervals import bootstrap_interval, wilson_interval
+from cna.evaluation.judges import LLMRefusalJudge
+from cna.evaluation.keywords import KeywordRefusalClassifier, refusal_rate
 from cna.evaluation.kl import kl_divergence
 from cna.evaluation.mmlu import (
     MmluQuestion,
@@ -14,7 +16,6 @@ from cna.evaluation.mmlu import (
     stratified_sample,
 )
 from cna.evaluation.quality import quality_summary, response_quality
-from cna.evaluation.refusal import KeywordRefusalClassifier, LLMRefusalJudge, refusal_rate
 from cna.evaluation.scoring import next_token_logprobs
 from cna.generation import generate
 from cna.interventions import NeuronScale

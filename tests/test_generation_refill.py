@@ -66,9 +66,7 @@ def test_processors_in_the_generation_config_keep_plain_generate():
 
 
 def test_a_job_with_refill_and_baking_measures_what_a_plain_one_does(tiny_folder, tmp_path):
-    from test_pipeline import small_job
-
-    from cna.pipeline import run
+    from test_pipeline import run, small_job
 
     settings = ["method.k=6", "reuse_baseline=false", "alphas=[0.0,1.0]", "eval.mmlu.n=0", "eval.kl.n=0",
                 "max_new_tokens=8", "batch_size=3"]
@@ -79,9 +77,11 @@ def test_a_job_with_refill_and_baking_measures_what_a_plain_one_does(tiny_folder
     assert lines[0] == lines[1]
 
 
-def test_only_cna_scaling_at_every_position_is_baked():
-    from cna.pipeline import bakeable
+def bakeable(intervention: NeuronScale) -> bool:
+    return intervention.baked(0.5) is not None
 
+
+def test_only_cna_scaling_at_every_position_is_baked():
     adapter = ArchitectureAdapter(tiny_model("llama"))
     circuit = Circuit("tiny", "cna", [Neuron(1, 3, 1.0, 1.0, 0.5)], 2, 64)
     assert bakeable(NeuronScale(adapter, circuit))

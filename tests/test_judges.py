@@ -7,14 +7,15 @@ from pathlib import Path
 
 import openai
 import pytest
-from hydra import compose, initialize_config_dir
-from test_pipeline import generation_lines, small_job
+from test_pipeline import generation_lines, run, small_job
 
 from cna.circuit import Circuit, Neuron
+from cna.config import compose_job, judge_group_overrides
 from cna.errors import CnaError
 from cna.evaluation.judges import (
     HFBackend,
     Judge,
+    JudgeConfig,
     OpenAIBackend,
     RatingRubric,
     StrongRejectRubric,
@@ -28,14 +29,12 @@ from cna.evaluation.judges import (
 )
 from cna.hooks import hook_count
 from cna.interventions import NeuronScale
-from cna.judge import judge_group_overrides, main
+from cna.judge import main
 from cna.models import ModelSpec, load_model
-from cna.pipeline import run
 from cna.report import write_report
 from cna.report.analysis import fmt_ci
 from cna.run_folder import GENERATIONS, RESULTS
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 RECORDED = [json.loads(line) for line in (Path(__file__).parent / "data" / "judge_answers.jsonl").open()]
 RUBRICS = {"strongreject": StrongRejectRubric(), "rating": RatingRubric(), "yesno": YesNoRubric()}
 
@@ -167,8 +166,8 @@ def test_the_hf_judge_ignores_steering_hooks_on_the_same_weights(tiny_folder):
 
 
 def test_yesno_on_the_hf_backend_reads_probabilities_and_always_parses(tiny_folder):
-    judge = make_judge({"name": "yesno", "backend": "hf", "model": "tiny", "path": str(tiny_folder),
-                        "max_new_tokens": 4, "batch_size": 2})
+    judge = make_judge(JudgeConfig(name="yesno", backend="hf", model="tiny", path=str(tiny_folder), max_new_tokens=4,
+                                   batch_size=2))
     verdicts = judge(["w5", "w6", "w7"], ["w8 w9", "w10", "w11 w12"])
     assert all(v.parsed and 0 < v.score < 1 and v.refused == (v.score < 0.5) for v in verdicts)
 
@@ -211,16 +210,15 @@ def test_the_openai_backend_retries_connection_errors_greedily_then_gives_up_in_
 
 # --- config, job, re-judging ------------------------------------------------------------------------------------
 
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=judge_group_overrides(list(overrides)))
+def composed_judge(*overrides: str) -> JudgeConfig:
+    return compose_job(judge_group_overrides(list(overrides))).eval.metrics["judge"]
 
 
 def test_both_override_forms_select_a_judge_and_none_is_the_default():
-    assert composed().eval.judge.name == "none"
+    assert composed_judge().name == "none"
     for form in ("eval/judge=strongreject", "eval.judge=strongreject"):
-        cfg = composed(form, "eval.judge.backend=openai")
-        assert cfg.eval.judge.name == "strongreject" and cfg.eval.judge.backend == "openai"
+        judge = composed_judge(form, "eval.judge.backend=openai")
+        assert judge.name == "strongreject" and judge.backend == "openai"
     assert judge_group_overrides(["eval.judge=yesno,rating", "eval.judge.backend=hf"]) == [
         "eval/judge=yesno,rating", "eval.judge.backend=hf"]
 

@@ -49,8 +49,9 @@ def test_a_bad_value_stops_the_run_with_one_line(tiny_folder, tmp_path):
 def test_recipe_search_runs_optuna_trials_and_writes_a_pareto_front(tiny_folder, tmp_path):
     sweep = tmp_path / "search"
     done = launch(tmp_path, tiny_folder, "experiment=recipe_search", f"hydra.sweep.dir={sweep}",
-                  "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.population_size=3", "first_layer=choice(0,1)",
-                  "eval.refusal.n=2", "eval.kl.n=2", "max_new_tokens=2", "search.min_quality=0", multirun=True)
+                  "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.population_size=3",
+                  "knobs.first_layer=choice(0,1)", "eval.refusal.n=2", "eval.kl.n=2", "max_new_tokens=2",
+                  "search.min_quality=0", multirun=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(list(sweep.rglob("results.json"))) == 3
     front = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -58,7 +59,7 @@ def test_recipe_search_runs_optuna_trials_and_writes_a_pareto_front(tiny_folder,
     for solution in front["solutions"]:
         refusal, kl = solution["values"]
         assert 0 <= refusal <= 1 and kl >= 0
-        assert set(solution["params"]) >= {"method.k_fraction", "method.sign", "strength", "first_layer"}
+        assert set(solution["params"]) >= {"method.k_fraction", "method.sign", "knobs.strength", "knobs.first_layer"}
 
 
 def test_a_failed_job_is_recorded_and_the_multirun_goes_on(tiny_folder, tmp_path):
@@ -79,8 +80,8 @@ def test_a_failed_search_trial_scores_as_infeasible_and_the_study_goes_on(tiny_f
 
     sweep = tmp_path / "search"
     done = launch(tmp_path, tiny_folder, "experiment=recipe_search", f"hydra.sweep.dir={sweep}",
-                  "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2", "first_layer=choice(5,7)",
-                  multirun=True)  # the tiny model has 3 layers: every trial fails at start-up
+                  "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.population_size=2",
+                  "knobs.first_layer=choice(5,7)", multirun=True)  # 3 layers in the tiny model: every trial fails
     assert done.returncode == 0, done.stderr[-3000:]
     trials = [json.loads(path.read_text()) for path in sweep.rglob("results.json")]
     assert len(trials) == 2 and all(t["status"] == "failed" and "method.layers" in t["error"] for t in trials)

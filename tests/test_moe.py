@@ -8,10 +8,9 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_pipeline import CONF, small_job
+from test_pipeline import run, small_job
 from transformers import AutoModelForCausalLM
 
 from cna.attribution import collect_gradients, neuron_writes, refusal_log_odds
@@ -25,7 +24,7 @@ from cna.circuit import (
     localisation,
     overlap,
 )
-from cna.config import validate
+from cna.config import compose_job
 from cna.discovery import (
     ActivationStatistics,
     collect_statistics,
@@ -42,10 +41,10 @@ from cna.generation import generate
 from cna.hooks import Hook, attached, hook_count
 from cna.interventions import DirectionAblation, NeuronScale, RouterBias, SteeringVector
 from cna.models import ArchitectureAdapter, ModelSpec, load_model, read_model_shape
-from cna.pipeline import run
-from cna.prefix import LayerPrefixReuse, first_steered_layer
+from cna.prefix import LayerPrefixReuse
 from cna.run_folder import CIRCUIT, RESULTS
 from cna.tiny import MOE_CONFIGS, tiny_moe, write_tiny_model
+from cna.validation import validate
 from conftest import random_prompts
 from moe_reference import planted_moe, reference_statistics
 
@@ -233,7 +232,7 @@ def test_prefix_reuse_is_exact_from_the_first_steered_layer(family):
     for name, intervention in interventions(adapter, lowest=1).items():
         if name == "direction":
             continue
-        assert first_steered_layer(intervention) == 1, name
+        assert intervention.first_steered_layer() == 1, name
         reuse = LayerPrefixReuse(adapter, 1)
         for alpha in (1.0, 0.0, 0.5):
             with intervention.steer(alpha):
@@ -293,7 +292,7 @@ def test_the_router_baseline_suppresses_and_boosts_experts(family):
         chosen = torch.cat([e for _, e, _ in seen]).view(-1)
         routed = (chosen == expert).sum()
         assert routed == (IDS.numel() if always else 0), shift
-    assert first_steered_layer(RouterBias(adapter, choice)) == min(e["layer"] for e in choice.experts)
+    assert RouterBias(adapter, choice).first_steered_layer() == min(e["layer"] for e in choice.experts)
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
@@ -404,8 +403,7 @@ def test_real_moe_configs_are_checked_from_config_json_before_weights_load(name,
     assert shape.neurons_in(0, layers) == total
 
     def job(*overrides: str):
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            return compose("config", overrides=[f"model={name}", f"model.path={tmp_path}", "logger=none", *overrides])
+        return compose_job([f"model={name}", f"model.path={tmp_path}", "logger=none", *overrides])
 
     assert job().model.device_map == "auto" and "/" in job().model.name
     validate(job(f"method.k={total}"))

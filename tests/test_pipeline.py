@@ -2,25 +2,28 @@
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from cna.pipeline import INFEASIBLE, run, search_objectives
-from cna.run_folder import CIRCUIT, GENERATIONS, POINT_FIELDS, RESULTS, RESULTS_FIELDS
+from cna import pipeline
+from cna.config import JobConfig, SearchConfig, SweepConfig, compose_job
+from cna.pipeline import INFEASIBLE, search_objectives
+from cna.run_folder import CIRCUIT, GENERATIONS, POINT_FIELDS, RESULTS, RESULTS_FIELDS, JobResults
 from conftest import data_dir
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+
+def small_job(tiny_folder: Path, cache: Path, *overrides: str) -> JobConfig:
+    return compose_job([
+        "model=tiny_random", f"model.path={tiny_folder}", f"data_dir={data_dir()}", f"cache_dir={cache}",
+        "logger=none", "eval.refusal.n=4", "eval.over_refusal.jbb_benign.n=3", "eval.over_refusal.xstest_safe.n=2",
+        "eval.mmlu.n=5", "eval.kl.n=3", "prompts.n_positive=6", "prompts.n_negative=6", "max_new_tokens=4",
+        "batch_size=4", "alphas=[0.0,1.0]", *overrides])
 
 
-def small_job(tiny_folder: Path, cache: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("config", overrides=[
-            "model=tiny_random", f"model.path={tiny_folder}", f"data_dir={data_dir()}", f"cache_dir={cache}",
-            "logger=none", "eval.refusal.n=4", "eval.over_refusal.jbb_benign.n=3", "eval.over_refusal.xstest_safe.n=2",
-            "eval.mmlu.n=5", "eval.kl.n=3", "prompts.n_positive=6", "prompts.n_negative=6", "max_new_tokens=4",
-            "batch_size=4", "alphas=[0.0,1.0]", *overrides])
+def run(job: JobConfig, run_dir: Path, **kwargs) -> dict:
+    """A job's results as its results.json holds them."""
+    return pipeline.run(job, run_dir, **kwargs).to_dict()
 
 
 def generation_lines(run_dir: Path) -> list[dict]:
@@ -140,14 +143,18 @@ def test_what_reaches_wandb_equals_results_json(tiny_folder, tmp_path, monkeypat
 
 
 def test_search_objectives_are_read_at_the_strongest_point_and_penalised_below_the_quality_floor():
-    results = {"points": [{"alpha": 1.0, "refusal_rate": 0.25, "kl_divergence": 0.1, "quality": 0.99},
-                          {"alpha": 0.0, "refusal_rate": 0.5, "kl_divergence": 0.0, "quality": 0.99}]}
-    search = OmegaConf.create({"objectives": ["refusal_rate", "kl_divergence"], "min_quality": 0.97})
-    assert search_objectives(results, search) == [0.25, 0.1]
-    results["points"][0]["quality"] = 0.87  # 0.1 short of the floor: dominated by every feasible point
-    penalised = search_objectives(results, search)
+    def searching(objectives, min_quality=None):
+        return SimpleNamespace(sweep=SweepConfig(search=SearchConfig(objectives, min_quality)))
+
+    points = [{"alpha": 1.0, "refusal_rate": 0.25, "kl_divergence": 0.1, "quality": 0.99},
+              {"alpha": 0.0, "refusal_rate": 0.5, "kl_divergence": 0.0, "quality": 0.99}]
+    results = JobResults.from_dict({"model": "m", "method": "cna", "points": points})
+    both = searching(["refusal_rate", "kl_divergence"], 0.97)
+    assert search_objectives(results, both) == [0.25, 0.1]
+    results.points[0].quality = 0.87  # 0.1 short of the floor: dominated by every feasible point
+    penalised = search_objectives(results, both)
     assert penalised == pytest.approx([0.25 + INFEASIBLE * 1.1, 0.1 + INFEASIBLE * 1.1])
-    assert search_objectives(results, OmegaConf.create({"objectives": ["refusal_rate"]})) == [0.25]  # no floor
+    assert search_objectives(results, searching(["refusal_rate"])) == [0.25]  # no floor
 
 
 def test_in_sample_discovery_is_recorded_everywhere(tiny_folder, tmp_path):
@@ -202,8 +209,8 @@ def test_the_unsteered_point_is_computed_once_and_reused_identically(tiny_folder
 def test_generalisation_sets_drop_discovery_copies_and_are_scored_per_set(tiny_folder, tmp_path):
     cfg = small_job(tiny_folder, tmp_path / "cache", "prompts=jbb_in_sample", "prompts.n_positive=null",
                     "prompts.n_negative=null", "eval.refusal.n=0", "eval.mmlu.n=0",
-                    f"+eval.generalisation.advbench.source.path={data_dir()}/advbench/harmful_behaviors.csv",
-                    "+eval.generalisation.advbench.source.column=goal", "+eval.generalisation.advbench.n=5")
+                    f"+eval.generalisation.advbench={{source: {{path: {data_dir()}/advbench/harmful_behaviors.csv, "
+                    "column: goal}, n: 5}")
     results = run(cfg, tmp_path / "run")
     # AdvBench holds about 27 near copies of JBB goals; discovery here is on the JBB goals themselves.
     assert 20 <= results["generalisation_removed"]["advbench"] <= 40

@@ -10,7 +10,7 @@ from cna.evaluation.scoring import next_token_logprobs
 from cna.hooks import Hook, attached, hook_count
 from cna.interventions import DirectionAblation, NeuronScale, SteeringVector
 from cna.models import ArchitectureAdapter
-from cna.prefix import LayerPrefixReuse, PrefixStore, first_steered_layer, prefix_reuse
+from cna.prefix import LayerPrefixReuse, PrefixStore, prefix_reuse
 from tests.conftest import random_prompts, tiny_model
 
 FAMILIES = ["llama", "qwen2", "gemma", "gemma3_text", "phi3", "olmo2", "phi", "gpt2", "gptj", "gpt_neox", "opt"]
@@ -40,7 +40,7 @@ def layer_calls(adapter: ArchitectureAdapter, layer: int) -> tuple[list, Hook]:
 def assert_reuse_is_exact(model, adapter: ArchitectureAdapter, prompts, lowest: int, batch_size: int = 4,
                           alphas: tuple[float, ...] = ALPHAS) -> None:
     for name, intervention in interventions(adapter, lowest).items():
-        assert first_steered_layer(intervention) == lowest
+        assert intervention.first_steered_layer() == lowest
         reuse = LayerPrefixReuse(adapter, lowest)
         for alpha in alphas:
             with intervention.steer(alpha):
@@ -77,7 +77,7 @@ def test_directional_ablation_and_layer_0_get_no_reuse():
     adapter = ArchitectureAdapter(model)
     vector = [1.0] * adapter.hidden_size
     ablation = DirectionAblation(adapter, ResidualDirection("tiny", "direction", 0, list(range(4)), vector, 4))
-    assert first_steered_layer(ablation) is None
+    assert ablation.first_steered_layer() is None
     assert prefix_reuse(adapter, ablation, memory_mib=64, disk_mib=64) is None
     at_zero = interventions(adapter, 0)["cna scale"]
     assert prefix_reuse(adapter, at_zero, memory_mib=64, disk_mib=64) is None
@@ -182,9 +182,7 @@ def test_the_prefix_store_stops_writing_at_its_budget_and_skips_unreadable_files
 
 
 def test_a_job_with_prefix_reuse_measures_what_one_without_does(tiny_folder, tmp_path):
-    from test_pipeline import small_job
-
-    from cna.pipeline import run
+    from test_pipeline import run, small_job
 
     settings = ["method.k=4", "method.layers=[0.5,1.0]", "reuse_baseline=false", "alphas=[0.0,0.5,1.0]",
                 "eval.mmlu.n=9", "eval.refusal.n=0", "eval.over_refusal.jbb_benign.n=0",

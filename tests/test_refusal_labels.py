@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cna.evaluation.judges import cohen_kappa
-from cna.evaluation.refusal import KeywordRefusalClassifier, LLMRefusalJudge
+from cna.evaluation.judges import LLMRefusalJudge, cohen_kappa
+from cna.evaluation.keywords import KeywordRefusalClassifier
 from cna.models import ModelSpec, load_model
 
 LABELS = [json.loads(line) for line in (Path(__file__).parent / "data" / "qwen_refusal_labels.jsonl").open()]

@@ -8,7 +8,19 @@ import numpy as np
 import pytest
 
 from cna.circuit import Circuit, Neuron, ResidualDirection
-from cna.report import NoRunsError, find_runs, main, overlap_matrix, pareto_front, point_row, run_plots, write_report
+from cna.report import (
+    NoRunsError,
+    find_runs,
+    main,
+    overlap_matrix,
+    pareto_front,
+    point_row,
+    run_plots,
+    table_fields,
+    table_header,
+    write_report,
+)
+from cna.run_folder import Point
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 QWEN, SMOL = "Qwen/Qwen2.5-Coder-0.5B-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -97,10 +109,11 @@ def test_summary_lists_runs_points_circuits_and_figures(multirun):
     summary = write_report(multirun)["summary"].read_text()
     for name in ("Qwen2.5-Coder-0.5B-Instruct", "SmolLM2-135M-Instruct", "/cna", "/caa"):
         assert name in summary
-    # The known point, formatted as printed: alpha, m, refusal [CI], quality, degenerate, MMLU [CI], KL, over-refusal.
+    # The known point, formatted as printed: alpha, m, then each metric's fields in the registry's order (refusal
+    # [CI], quality [CI], degenerate, over-refusal [CI], MMLU [CI], KL), n.
     row = ("| Qwen2.5-Coder-0.5B-Instruct/cna [method.k_fraction=default] | Qwen2.5-Coder-0.5B-Instruct | cna "
-           "| 0.5 | 0.5 | 0.420 [0.325, 0.521] | 0.873 | 0.030 | 0.455 [0.424, 0.486] | 0.01234 "
-           "| 0.080 [0.041, 0.151] | 100 |")
+           "| 0.5 | 0.5 | 0.420 [0.325, 0.521] | 0.873 [0.850, 0.900] | 0.030 | 0.080 [0.041, 0.151] "
+           "| 0.455 [0.424, 0.486] | 0.01234 | 100 |")
     assert row in summary
     # The incomplete job is there, marked, and told apart from its sibling by the override that differs.
     assert "Qwen2.5-Coder-0.5B-Instruct/cna [method.k_fraction=0.002] (incomplete)" in summary
@@ -121,8 +134,12 @@ def test_summary_lists_runs_points_circuits_and_figures(multirun):
 
 def test_point_row_formats_missing_metrics_as_na(multirun):
     runs, _ = find_runs(multirun)
-    row = point_row(runs[0], {"alpha": 0.25, "multiplier": None, "refusal_rate": 0.5, "refusal_ci95": [0.4, 0.6],
-                              "quality": 0.9, "mmlu_accuracy": None, "kl_divergence": None, "n_prompts": 10})
+    fields = table_fields(runs)
+    assert table_header(fields)[5:] == ["refusal rate [95% CI]", "quality [95% CI]", "degenerate",
+                                        "over-refusal [95% CI]", "MMLU [95% CI]", "KL", "n"]
+    point = Point.from_dict({"alpha": 0.25, "multiplier": None, "refusal_rate": 0.5, "refusal_ci95": [0.4, 0.6],
+                             "quality": 0.9, "mmlu_accuracy": None, "kl_divergence": None, "n_prompts": 10})
+    row = point_row(runs[0], point, fields)
     assert row[3:] == ["0.25", "n/a", "0.500 [0.400, 0.600]", "0.900", "n/a", "n/a", "n/a", "n/a", "10"]
 
 
@@ -239,7 +256,7 @@ def test_pareto_front_keeps_the_undominated_points_above_the_quality_floor(tmp_p
         point(1.0, 0.05, 0.3, 0.90)])  # would dominate, but below the quality floor
     make_run(tmp_path, QWEN, "direction", ["method=direction"], points=[point(1.0, 0.2, 0.3, 0.98)])  # front
     runs, _ = find_runs(tmp_path)
-    front = [(run.method, point["alpha"]) for run, point in pareto_front(runs)]
+    front = [(run.method, point.alpha) for run, point in pareto_front(runs)]
     assert front == [("cna", 0.5), ("direction", 1.0), ("cna", 1.0)]
     assert [run.method for run, _ in pareto_front(runs, quality_floor=0.5)] == ["cna", "caa"]
     summary = write_report(tmp_path)["summary"].read_text()
@@ -289,7 +306,7 @@ def test_a_failed_job_shows_its_reason_and_kl_axes_name_the_recorded_direction(t
     runs, _ = find_runs(tmp_path)
     assert kl_name(runs) == "KL(steered || unsteered)"  # runs from before kl_direction was recorded
     for run in runs:
-        run.results["kl_direction"] = "unsteered||steered"
+        run.results.extra["kl_direction"] = "unsteered||steered"
     assert kl_name(runs) == "KL(unsteered || steered)"
-    runs[0].results["kl_direction"] = "steered||unsteered"
+    runs[0].results.extra["kl_direction"] = "steered||unsteered"
     assert kl_name(runs).startswith("KL (directions differ")

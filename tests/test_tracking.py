@@ -8,10 +8,11 @@ import socket
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from cna import tracking
-from cna.tracking import NullTracker, WandbTracker, make_tracker, point_metrics, read_offline_run, resolve_mode
+from cna.config import LoggerConfig
+from cna.run_folder import JobResults, Point
+from cna.tracking import NullTracker, WandbTracker, point_metrics, read_offline_run, resolve_mode, wandb_run
 
 POINTS = [
     {"alpha": 0.0, "multiplier": 1.0, "refusal_rate": 0.9, "refusal_ci95": [0.82, 0.95], "quality": 0.97,
@@ -29,14 +30,18 @@ POINTS = [
 ]
 
 
-def make_cfg(**logger) -> OmegaConf:
-    return OmegaConf.create({
-        "model": {"name": "org/tiny-model", "dtype": "float32"},
-        "method": {"name": "cna", "k_fraction": 0.001},
-        "seed": 0,
-        "alphas": [0.0, 0.5, 1.0],
-        "logger": {"name": "wandb", "project": "cna-test", "entity": None, "mode": "auto", **logger},
-    })
+CONFIG = {"model": {"name": "org/tiny-model", "dtype": "float32"}, "method": {"name": "cna", "k_fraction": 0.001},
+          "seed": 0, "alphas": [0.0, 0.5, 1.0]}
+
+
+def make_tracker(run_dir: Path, group: str | None = None, **logger):
+    settings = {"name": "wandb", "project": "cna-test", "entity": None, "mode": "auto", **logger}
+    return tracking.make_tracker(LoggerConfig(**settings), run_dir=run_dir, group=group, model="org/tiny-model",
+                                 method="cna", config=CONFIG)
+
+
+def results(points: list[dict], **fields) -> JobResults:
+    return JobResults.from_dict({"model": "org/tiny-model", "method": "cna", "points": points, **fields})
 
 
 def records(alpha: float) -> list[dict]:
@@ -58,7 +63,8 @@ def offline(tmp_path, monkeypatch) -> Path:
 
 
 def tracking_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "cna.tracking" and r.levelno >= logging.WARNING]
+    return [r.getMessage() for r in caplog.records
+            if r.name.startswith("cna.tracking") and r.levelno >= logging.WARNING]
 
 
 def write_circuit(run_dir: Path) -> Path:
@@ -82,17 +88,17 @@ def write_png(path: Path) -> Path:
 def test_offline_run_records_points_summary_config_circuit_and_generations(offline, caplog):
     run_dir = offline
     circuit = write_circuit(run_dir)
-    tracker = make_tracker(make_cfg(), run_dir=run_dir, group="2026-01-01/12-00-00")
+    tracker = make_tracker(run_dir, group="2026-01-01/12-00-00")
     assert isinstance(tracker, WandbTracker) and tracker.mode == "offline"
     tracker.log_circuit(circuit)
     for point in POINTS:
-        tracker.log_point(point)
+        tracker.log_point(Point.from_dict(point))
         tracker.log_generations(records(point["alpha"]))
     tracker.log_images({"refusal_vs_alpha": write_png(run_dir / "refusal.png")})
-    results = {"model": "org/tiny-model", "method": "cna", "status": "complete", "config_sha256": "cd" * 32,
-               "points": POINTS, "timings_s": {"discovery": 1.5, "generation": 3.25}}
+    finished = results(POINTS, status="complete", config_sha256="cd" * 32,
+                       timings_s={"discovery": 1.5, "generation": 3.25})
     with caplog.at_level(logging.WARNING, logger="cna.tracking"):
-        tracker.finish(results)
+        tracker.finish(finished)
     assert not tracking_warnings(caplog)
     assert (run_dir / "wandb").is_dir()
 
@@ -134,10 +140,10 @@ def test_offline_run_records_points_summary_config_circuit_and_generations(offli
 
 
 def test_failed_job_has_failed_status_and_exit_code(offline):
-    tracker = make_tracker(make_cfg(mode="offline"), run_dir=offline)
-    tracker.log_point(POINTS[0])
-    tracker.finish({"status": "running", "points": POINTS[:1]}, failed=True)
-    tracker.finish({"status": "running", "points": POINTS[:1]}, failed=True)  # a second call does nothing
+    tracker = make_tracker(offline, mode="offline")
+    tracker.log_point(Point.from_dict(POINTS[0]))
+    tracker.finish(results(POINTS[:1], status="running"), failed=True)
+    tracker.finish(results(POINTS[:1], status="running"), failed=True)  # a second call does nothing
     run = read_offline_run(offline)
     assert run.exit_code == 1
     assert run.summary["status"] == "failed" and run.summary["refusal_rate"] == 0.9
@@ -145,21 +151,19 @@ def test_failed_job_has_failed_status_and_exit_code(offline):
 
 
 def test_logger_none_does_nothing(offline):
-    cfg = make_cfg()
-    cfg.logger = {"name": "none"}
-    tracker = make_tracker(cfg, run_dir=offline)
+    tracker = make_tracker(offline, name="none")
     assert type(tracker) is NullTracker
     tracker.log_circuit(offline / "circuit.json")  # missing: not even read
-    tracker.log_point(POINTS[0])
+    tracker.log_point(Point.from_dict(POINTS[0]))
     tracker.log_generations(records(0.0))
     tracker.log_images({"plot": offline / "missing.png"})
-    tracker.finish({"points": POINTS})
+    tracker.finish(results(POINTS))
     assert not (offline / "wandb").exists()
 
 
 def test_wandb_disabled_gives_the_null_tracker(offline, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert type(make_tracker(make_cfg(mode="online"), run_dir=offline)) is NullTracker
+    assert type(make_tracker(offline, mode="online")) is NullTracker
     assert not offline.exists()
 
 
@@ -171,10 +175,10 @@ def test_wandb_init_failure_is_one_warning(offline, monkeypatch, caplog):
 
     monkeypatch.setattr(wandb, "init", broken)
     with caplog.at_level(logging.WARNING, logger="cna.tracking"):
-        tracker = make_tracker(make_cfg(), run_dir=offline)
+        tracker = make_tracker(offline)
         tracker.log_circuit(write_circuit(offline))
-        tracker.log_point(POINTS[0])
-        tracker.finish({"points": POINTS[:1]})
+        tracker.log_point(Point.from_dict(POINTS[0]))
+        tracker.finish(results(POINTS[:1]))
     assert isinstance(tracker, NullTracker)
     warned = tracking_warnings(caplog)
     assert len(warned) == 1 and "no service" in warned[0]
@@ -194,28 +198,28 @@ def test_online_start_failure_falls_back_to_offline(offline, monkeypatch, caplog
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setattr(wandb, "init", no_server)
     with caplog.at_level(logging.WARNING, logger="cna.tracking"):
-        tracker = make_tracker(make_cfg(mode="online"), run_dir=offline)
+        tracker = make_tracker(offline, mode="online")
         assert isinstance(tracker, WandbTracker) and tracker.mode == "offline"
-        tracker.log_point(POINTS[0])
-        tracker.finish({"status": "complete", "points": POINTS[:1]})
+        tracker.log_point(Point.from_dict(POINTS[0]))
+        tracker.finish(results(POINTS[:1], status="complete"))
     warned = tracking_warnings(caplog)
     assert len(warned) == 1 and "offline instead" in warned[0]
     assert [row["alpha"] for row in read_offline_run(offline).history] == [0.0]
 
 
 def test_failure_mid_run_is_one_warning_then_nothing(offline, caplog):
-    tracker = make_tracker(make_cfg(), run_dir=offline)
-    tracker.log_point(POINTS[0])
+    tracker = make_tracker(offline)
+    tracker.log_point(Point.from_dict(POINTS[0]))
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     tracker.run.log = broken
     with caplog.at_level(logging.WARNING, logger="cna.tracking"):
-        tracker.log_point(POINTS[1])
-        tracker.log_point(POINTS[2])
+        tracker.log_point(Point.from_dict(POINTS[1]))
+        tracker.log_point(Point.from_dict(POINTS[2]))
         tracker.log_generations(records(1.0))
-        tracker.finish({"points": POINTS})
+        tracker.finish(results(POINTS))
     assert tracker.run is None
     warned = tracking_warnings(caplog)
     assert len(warned) == 1 and "disk full" in warned[0]
@@ -241,7 +245,7 @@ def no_credentials(tmp_path, monkeypatch):
 
 
 def test_auto_without_api_key_is_offline(no_credentials, monkeypatch):
-    monkeypatch.setattr(tracking, "server_reachable", lambda *a, **k: pytest.fail("no key: no network probe"))
+    monkeypatch.setattr(wandb_run, "server_reachable", lambda *a, **k: pytest.fail("no key: no network probe"))
     assert not tracking.api_key_available()
     assert resolve_mode("auto") == "offline"
     assert resolve_mode("online") == "offline"  # with a warning, never a login prompt

@@ -4,6 +4,6 @@
 a `wandb-workspaces` workspace or report (an optional dependency: `pip install 'cna[dashboard]'`).
 """
 
-from cna.dashboard.spec import DASHBOARD, OPTIONAL, DashboardSpec, Key, Panel, Section, logged_keys, missing_keys
+from cna.dashboard.spec import DashboardSpec, Key, Panel, Section, dashboard_spec, logged_keys, missing_keys
 
-__all__ = ["DASHBOARD", "OPTIONAL", "DashboardSpec", "Key", "Panel", "Section", "logged_keys", "missing_keys"]
+__all__ = ["DashboardSpec", "Key", "Panel", "Section", "dashboard_spec", "logged_keys", "missing_keys"]

@@ -14,10 +14,11 @@ import os
 import sys
 from pathlib import Path
 
-from cna.dashboard.spec import DASHBOARD, missing_keys
+from cna.dashboard.spec import dashboard_spec, missing_keys
 from cna.dashboard.workspace import RunSelection, build_report, build_workspace, save_workspace, viewspec
 from cna.errors import CnaError
-from cna.tracking import api_key_available, base_url, read_offline_run, server_reachable
+from cna.network import server_reachable
+from cna.tracking import api_key_available, base_url, read_offline_run
 
 DEFAULT_OUT = Path("dashboard_spec.json")
 
@@ -29,19 +30,20 @@ def upload_blocker(offline: bool) -> str | None:
         return "offline (--offline)" if offline else f"offline (WANDB_MODE={mode})"
     if not api_key_available():
         return "no W&B API key (`wandb login` or WANDB_API_KEY)"
-    if not server_reachable():
+    if not server_reachable(base_url()):
         return f"no network: the W&B server {base_url()} does not answer"
     return None
 
 
 def spec_document(selection: RunSelection, workspace, report, checked: dict | None) -> dict:
+    spec = dashboard_spec()
     document = {
         "entity": selection.entity, "project": selection.project, "group": selection.group,
         "tags": list(selection.tags), "workspace": selection.title, "view_name": selection.view_name,
-        "dashboard": DASHBOARD.to_dict(), "workspace_viewspec": viewspec(workspace),
+        "dashboard": spec.to_dict(), "workspace_viewspec": viewspec(workspace),
     }
     if report is not None:  # a report's viewspec needs the server (it looks the project up): its outline only
-        document["report"] = {"title": report.title, "sections": [section.name for section in DASHBOARD.sections]}
+        document["report"] = {"title": report.title, "sections": [section.name for section in spec.sections]}
     if checked is not None:
         document["checked_against"] = checked
     return document

@@ -3,9 +3,10 @@
 A key names a value and where W&B keeps it: `history` (one value per strength point, against alpha; the
 names of `cna.tracking.point_metrics`, i.e. the results.json point fields), `summary` (a run's final values:
 its last point, plus the generations tables) or `config` (a dotted path into the job's Hydra config).
-`missing_keys` checks the keys against what runs really logged, so a metric renamed in the contract
-breaks a test rather than a dashboard. Keys a default job does not log are listed once, in `OPTIONAL`,
-with the condition under which they appear.
+`dashboard_spec()` builds the spec from the metric and method registries: one panel per metric against alpha,
+one colour per method. `missing_keys` checks the keys against what runs really logged, so a metric renamed in
+the contract breaks a test rather than a dashboard. Keys a default job does not log are the spec's
+`optional` ones, with the condition under which they appear (a metric's `logged_when`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cna.errors import ConfigError
+from cna.evaluation.metric import metric_types
+from cna.methods import method_types
 from cna.tracking import FULL_STRENGTH_TABLE, OfflineRun
 
 SOURCES = ("history", "summary", "config")
@@ -108,65 +111,61 @@ class DashboardSpec:
         }
 
 
-JUDGE_SET = "logged only when eval.judge is set (the LLM judge)"
-
-# The one list of keys a job with the default evaluation does not always log.
-OPTIONAL: dict[Key, str] = {
-    history("judge_refusal_rate"): JUDGE_SET,
-    history("judge_score"): JUDGE_SET,
-    summary("judge_refusal_rate"): JUDGE_SET,
-}
-
 _STRONGEST = "each run's last strength point (its summary; alpha = 1 in the default sweep)"
 
-DASHBOARD = DashboardSpec(
-    x_axis=history("alpha"),
-    group_by=(config("method.name"), config("model.name")),
-    group_colours={"cna": "#1f77b4", "caa": "#d62728", "direction": "#2ca02c", "random": "#7f7f7f"},
-    sections=(
-        Section("Against alpha, by method and model", (
-            Panel("line", "Refusal rate: keyword classifier, and LLM judge where logged",
-                  (history("refusal_rate"), history("judge_refusal_rate")),
-                  "Share of the harmful evaluation prompts refused, per strength alpha; one line per method and "
-                  "model (the mean over the runs in the group)."),
-            Panel("line", "Quality and degenerate rate", (history("quality"), history("degenerate_rate")),
-                  "1 - repeated word trigrams of the responses, and the share of empty or too-short ones."),
-            Panel("line", "LLM judge score", (history("judge_score"),),
-                  "The judge's mean response score, where a judge ran."),
-            Panel("line", "MMLU accuracy", (history("mmlu_accuracy"),),
-                  "Multiple-choice accuracy under the same intervention (chance is 0.25)."),
-            Panel("line", "KL divergence from the unsteered model", (history("kl_divergence"),),
-                  "KL(steered || unsteered) of the next-token distribution at the first response token."),
-            Panel("line", "Over-refusal on benign prompts",
-                  (history("over_refusal_rate"), history("over_refusal/jbb_benign"),
-                   history("over_refusal/xstest_safe")),
-                  "Refusal rate on benign requests, pooled and per set: what steering must not raise."),
-        )),
-        Section("Across runs", (
-            Panel("scatter", "Refusal vs KL, coloured by method",
-                  (summary("kl_divergence"), summary("refusal_rate")),
-                  f"One point per run at {_STRONGEST}: lower-left is the better trade-off."),
-            Panel("scatter", "Judge refusal vs KL, coloured by method",
-                  (summary("kl_divergence"), summary("judge_refusal_rate")),
-                  f"The same with the LLM judge's refusal rate, at {_STRONGEST}."),
-        )),
-        Section("Recipe sweep: k fraction x sign x threshold x score", (
-            Panel("parallel", "Selection knobs against the outcome",
-                  (config("method.k_fraction"), config("method.sign"), config("method.universal.threshold"),
-                   config("method.score"), summary("refusal_rate"), summary("kl_divergence"), summary("quality")),
-                  f"One line per run from its selection settings to its refusal, KL and quality at {_STRONGEST}."),
-        )),
-        Section("Generations at alpha = 1", (
-            Panel("table", "Every response at full strength", (summary(FULL_STRENGTH_TABLE),),
-                  "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality) per run."),
-        )),
-        Section("Circuit", (
-            Panel("images", "Neurons per layer", (history("plots/layer_histogram"),),
-                  "The layer histogram of each neuron circuit (cna and random runs)."),
-        )),
-    ),
-    optional=OPTIONAL,
-)
+
+def _metric_panels() -> tuple[tuple[Panel, ...], dict[Key, str]]:
+    """One line panel per registered metric with fields (its fields and their extra history keys), and the keys
+    of metrics a default job does not run, with when they are logged."""
+    panels, optional = [], {}
+    for metric in metric_types().values():
+        if not metric.fields:
+            continue
+        keys = tuple(history(f.name) for f in metric.fields) + tuple(history(k) for k in metric.history_keys)
+        about = " ".join(f.about for f in metric.fields if f.about)
+        panels.append(Panel("line", " and ".join(f.label for f in metric.fields), keys, about))
+        if metric.logged_when:
+            optional.update(dict.fromkeys(keys, metric.logged_when))
+    return tuple(panels), optional
+
+
+def dashboard_spec() -> DashboardSpec:
+    """The comparison dashboard over the metrics and methods registered now (plug-ins included)."""
+    panels, optional = _metric_panels()
+    judge = metric_types()["judge"].logged_when
+    optional[summary("judge_refusal_rate")] = judge
+    return DashboardSpec(
+        x_axis=history("alpha"),
+        group_by=(config("method.name"), config("model.name")),
+        group_colours={name: method.colour for name, method in method_types().items()},
+        sections=(
+            Section("Against alpha, by method and model", panels),
+            Section("Across runs", (
+                Panel("scatter", "Refusal vs KL, coloured by method",
+                      (summary("kl_divergence"), summary("refusal_rate")),
+                      f"One point per run at {_STRONGEST}: lower-left is the better trade-off."),
+                Panel("scatter", "Judge refusal vs KL, coloured by method",
+                      (summary("kl_divergence"), summary("judge_refusal_rate")),
+                      f"The same with the LLM judge's refusal rate, at {_STRONGEST}."),
+            )),
+            Section("Recipe sweep: k fraction x sign x threshold x score", (
+                Panel("parallel", "Selection knobs against the outcome",
+                      (config("method.k_fraction"), config("method.sign"), config("method.universal.threshold"),
+                       config("method.score"), summary("refusal_rate"), summary("kl_divergence"),
+                       summary("quality")),
+                      f"One line per run from its selection settings to its refusal, KL and quality at {_STRONGEST}."),
+            )),
+            Section("Generations at alpha = 1", (
+                Panel("table", "Every response at full strength", (summary(FULL_STRENGTH_TABLE),),
+                      "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality) per run."),
+            )),
+            Section("Circuit", (
+                Panel("images", "Neurons per layer", (history("plots/layer_histogram"),),
+                      "The layer histogram of each neuron circuit (cna and random runs)."),
+            )),
+        ),
+        optional=optional,
+    )
 
 
 # --- checking the keys against logged runs ----------------------------------------------------------------------
@@ -189,8 +188,9 @@ def logged_keys(runs: Iterable[OfflineRun]) -> set[Key]:
     return logged
 
 
-def missing_keys(runs: Iterable[OfflineRun], spec: DashboardSpec = DASHBOARD) -> list[str]:
+def missing_keys(runs: Iterable[OfflineRun], spec: DashboardSpec | None = None) -> list[str]:
     """The keys the dashboard reads that none of the runs logged, less the declared optional ones."""
+    spec = spec or dashboard_spec()
     spec.validate()
     logged = logged_keys(runs)
     return [str(key) for key in spec.used_keys() if key not in logged and key not in spec.optional]

@@ -1,4 +1,4 @@
-"""The W&B workspace (and report) that `spec.DASHBOARD` describes, built with `wandb-workspaces`.
+"""The W&B workspace (and report) that `spec.dashboard_spec()` describes, built with `wandb-workspaces`.
 
 Building needs no network: `build_workspace` and `build_report` make the objects, `viewspec` is what saving
 the workspace would upload (a report's needs the server). `save_workspace` updates the workspace of the same
@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from cna.dashboard.spec import DASHBOARD, DashboardSpec, Key, Panel
+from cna.dashboard.spec import DashboardSpec, Key, Panel, dashboard_spec
 from cna.errors import CnaError
 
 
@@ -78,10 +78,11 @@ def _panel(wr: Any, panel: Panel, x_axis: Key) -> Any:
     return wr.MediaBrowser(title=panel.title, media_keys=names, num_columns=2)
 
 
-def build_workspace(selection: RunSelection, spec: DashboardSpec = DASHBOARD) -> Any:
+def build_workspace(selection: RunSelection, spec: DashboardSpec | None = None) -> Any:
     """The saved-view object: one section per spec section; runs filtered by group and tags, grouped by the
     spec's keys (method, then model) and coloured by method."""
     ws, wr = _libraries()
+    spec = spec or dashboard_spec()
     spec.validate()
     sections = [ws.Section(name=section.name, is_open=True,
                            panels=[_panel(wr, panel, spec.x_axis) for panel in section.panels])
@@ -95,9 +96,10 @@ def build_workspace(selection: RunSelection, spec: DashboardSpec = DASHBOARD) ->
     return workspace
 
 
-def build_report(selection: RunSelection, spec: DashboardSpec = DASHBOARD) -> Any:
+def build_report(selection: RunSelection, spec: DashboardSpec | None = None) -> Any:
     """The same panels as a report: one heading and one panel grid per section, each over the selected runs."""
     _, wr = _libraries()
+    spec = spec or dashboard_spec()
     spec.validate()
     groupby = [f"config.{key.name}" for key in spec.group_by]
     blocks: list[Any] = []

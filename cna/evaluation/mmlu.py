@@ -1,5 +1,5 @@
 """MMLU (Hendrycks et al. 2021): the standard prompt, 0- or k-shot, scored by the next-token
-log-probabilities of " A", " B", " C", " D" after "Answer:", batched.
+log-probabilities of " A", " B", " C", " D" after "Answer:", batched; and the `mmlu` metric (`eval.mmlu`).
 """
 
 from __future__ import annotations
@@ -8,13 +8,19 @@ import csv
 import random
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cna.errors import ConfigError
 from cna.evaluation.intervals import wilson_interval
+from cna.evaluation.metric import DataContext, Field, Metric, register_metric
 from cna.evaluation.scoring import next_token_logprobs
 from cna.prefix import LayerPrefixReuse
+from cna.schema import bounded
+
+if TYPE_CHECKING:
+    from cna.evaluation.evaluator import PointContext
 
 LETTERS = ("A", "B", "C", "D")
 
@@ -130,3 +136,46 @@ def evaluate_mmlu(
         predictions=predictions,
         per_subject={s: sum(v) / len(v) for s, v in sorted(per_subject.items())},
     )
+
+
+@dataclass
+class MmluConfig:
+    """`eval.mmlu`: a stratified sample of MMLU's test questions (n: 0 switches it off)."""
+
+    folder: str | None = None  # per-subject CSVs: <folder>/test/*_test.csv and <folder>/dev/*_dev.csv
+    n: int = bounded(1000, 0, integer=True)
+    k_shot: int = bounded(0, 0, integer=True)  # examples from the dev split of the same subject
+
+
+@register_metric
+class Mmlu(Metric):
+    """MMLU accuracy under the intervention: what steering costs in general capability."""
+
+    name = "mmlu"
+    config_type = MmluConfig
+    order = 50
+    fields = (Field("mmlu_accuracy", "MMLU", "mmlu_ci95",
+                    about="Multiple-choice accuracy under the same intervention (chance is 0.25)."),)
+
+    def __init__(self, questions: Sequence[MmluQuestion], *, k_shot: int = 0, dev: Sequence[MmluQuestion] = ()):
+        self.questions, self.k_shot, self.dev = list(questions), k_shot, list(dev)
+
+    @classmethod
+    def from_config(cls, config: MmluConfig, data: DataContext) -> Mmlu | None:
+        if not config.n:
+            return None
+        if not config.folder:
+            raise ConfigError("eval.mmlu.folder: expected the MMLU folder (test/ and dev/ CSVs), got null")
+        questions = stratified_sample(load_mmlu_folder(config.folder, "test"), config.n, data.seed)
+        dev = load_mmlu_folder(config.folder, "dev") if config.k_shot else []
+        return cls(questions, k_shot=config.k_shot, dev=dev)
+
+    def identity(self) -> dict:
+        return {"questions": [asdict(question) for question in self.questions], "k_shot": self.k_shot}
+
+    def measure(self, point: PointContext) -> dict:
+        session = point.session
+        result = evaluate_mmlu(session.model, session.tokenizer, self.questions, dev=self.dev, k_shot=self.k_shot,
+                               batch_size=session.batch_size, max_batch_tokens=session.scoring_batch_tokens,
+                               progress=session.progress, reuse=session.reuse)
+        return {"mmlu_accuracy": result.accuracy, "mmlu_ci95": list(result.ci95)}

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from cna.evaluation.keywords import KeywordRefusalClassifier, RefusalRate, refusal_rate
 from cna.evaluation.quality import QualitySummary, quality_summary
-from cna.evaluation.refusal import KeywordRefusalClassifier, RefusalRate, refusal_rate
 
 DEFAULT_CLASSIFIER = KeywordRefusalClassifier()
 

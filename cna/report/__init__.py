@@ -31,10 +31,11 @@ from cna.report.figures import (
     run_plots,
 )
 from cna.report.runs import NoRunsError, Run, assign_labels, find_runs, load_run
-from cna.report.summary import main, point_row, write_report, write_summary
+from cna.report.summary import main, point_row, table_fields, table_header, write_report, write_summary
 
 __all__ = ["FIGURES", "QUALITY_FLOOR", "NoRunsError", "RefusalChange", "Run", "assign_labels", "draw_figures",
            "effect_sentence", "find_runs", "load_run", "main", "neuron_runs", "overlap_matrix", "pareto_front",
            "plot_circuit_overlap", "plot_judge_vs_keyword", "plot_layer_histogram", "plot_refusal_quality",
-           "plot_refusal_vs_kl", "plot_single_metric", "point_row", "refusal_changes", "run_plots", "write_report",
+           "plot_refusal_vs_kl", "plot_single_metric", "point_row", "refusal_changes", "run_plots", "table_fields",
+           "table_header", "write_report",
            "write_summary"]

@@ -9,6 +9,7 @@ import numpy as np
 from cna.circuit import Circuit, overlap
 from cna.evaluation.intervals import difference_interval
 from cna.report.runs import Run, is_number
+from cna.run_folder import Point
 
 QUALITY_FLOOR = 0.97  # the paper's bar for "output quality kept": hollow markers in refusal_vs_kl fall below it
 MISSING = "n/a"
@@ -26,26 +27,26 @@ def fmt_ci(value, ci, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
-def steered_points(runs: list[Run]) -> list[tuple[Run, dict]]:
+def steered_points(runs: list[Run]) -> list[tuple[Run, Point]]:
     return [(run, point) for run in runs for point in run.points
-            if point.get("alpha") and is_number(point.get("kl_divergence")) and is_number(point.get("refusal_rate"))]
+            if point.alpha and is_number(point.kl_divergence) and is_number(point.refusal_rate)]
 
 
-def pareto_front(runs: list[Run], quality_floor: float = QUALITY_FLOOR) -> list[tuple[Run, dict]]:
+def pareto_front(runs: list[Run], quality_floor: float = QUALITY_FLOOR) -> list[tuple[Run, Point]]:
     """The steered points no other point beats on both refusal and KL, among those at quality >= the floor.
 
     A point is dominated when another has refusal <= and KL <= with one of them strictly lower; the front
     comes back sorted by KL (refusal falling along it).
     """
     feasible = [(run, point) for run, point in steered_points(runs)
-                if is_number(point.get("quality")) and point["quality"] >= quality_floor]
+                if is_number(point.quality) and point.quality >= quality_floor]
 
-    def dominates(a: dict, b: dict) -> bool:
-        return (a["refusal_rate"] <= b["refusal_rate"] and a["kl_divergence"] <= b["kl_divergence"]
-                and (a["refusal_rate"] < b["refusal_rate"] or a["kl_divergence"] < b["kl_divergence"]))
+    def dominates(a: Point, b: Point) -> bool:
+        return (a.refusal_rate <= b.refusal_rate and a.kl_divergence <= b.kl_divergence
+                and (a.refusal_rate < b.refusal_rate or a.kl_divergence < b.kl_divergence))
 
     front = [(run, point) for run, point in feasible if not any(dominates(other, point) for _, other in feasible)]
-    return sorted(front, key=lambda item: (item[1]["kl_divergence"], item[1]["refusal_rate"]))
+    return sorted(front, key=lambda item: (item[1].kl_divergence, item[1].refusal_rate))
 
 
 def neuron_runs(runs: list[Run]) -> list[Run]:
@@ -67,8 +68,8 @@ class RefusalChange:
     """A run's refusal at its strongest point against its own unsteered point (alpha = 0)."""
 
     run: Run
-    baseline: dict
-    steered: dict
+    baseline: Point
+    steered: Point
     change: float
     ci95: tuple[float, float]
 
@@ -80,8 +81,8 @@ class RefusalChange:
 
     def describe(self) -> str:
         before, after = self.baseline, self.steered
-        return (f"{fmt_ci(before['refusal_rate'], before.get('refusal_ci95'), '.2f')} -> "
-                f"{fmt_ci(after['refusal_rate'], after.get('refusal_ci95'), '.2f')} at alpha {after['alpha']:g}, "
+        return (f"{fmt_ci(before.refusal_rate, before.refusal_ci95, '.2f')} -> "
+                f"{fmt_ci(after.refusal_rate, after.refusal_ci95, '.2f')} at alpha {after.alpha:g}, "
                 f"change {self.change:+.2f} [{self.ci95[0]:+.2f}, {self.ci95[1]:+.2f}]")
 
 
@@ -89,17 +90,16 @@ def refusal_changes(runs: list[Run]) -> list[RefusalChange]:
     """Baseline vs strongest steered point, for every run that has both (and their intervals)."""
     changes = []
     for run in runs:
-        points = {p["alpha"]: p for p in run.points if is_number(p.get("refusal_rate"))}
+        points = {p.alpha: p for p in run.points if is_number(p.refusal_rate)}
         steered = [alpha for alpha in points if alpha > 0]
         if 0.0 not in points or not steered:
             continue
         baseline, strongest = points[0.0], points[max(steered)]
-        cis = [p.get("refusal_ci95") for p in (baseline, strongest)]
+        cis = [p.refusal_ci95 for p in (baseline, strongest)]
         if not all(isinstance(ci, (list, tuple)) and len(ci) == 2 for ci in cis):
             continue
-        ci95 = difference_interval(baseline["refusal_rate"], cis[0], strongest["refusal_rate"], cis[1])
-        changes.append(RefusalChange(run, baseline, strongest, strongest["refusal_rate"] - baseline["refusal_rate"],
-                                     ci95))
+        ci95 = difference_interval(baseline.refusal_rate, cis[0], strongest.refusal_rate, cis[1])
+        changes.append(RefusalChange(run, baseline, strongest, strongest.refusal_rate - baseline.refusal_rate, ci95))
     return changes
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from cna.methods import method_types
 from cna.report.analysis import QUALITY_FLOOR, neuron_runs, overlap_matrix, pareto_front, steered_points
 from cna.report.runs import Run, assign_labels, is_number, load_run, shorten
 from cna.run_folder import RESULTS
@@ -18,7 +19,10 @@ from cna.run_folder import RESULTS
 DPI = 110
 
 
-_MARKERS = {"cna": "o", "caa": "s", "direction": "^", "random": "x"}
+def _marker(method: str) -> str:
+    """Each method's marker (cna.methods: a method plug-in declares its own), a diamond for unknown ones."""
+    known = method_types().get(method)
+    return known.marker if known is not None else "D"
 
 
 FIGURES = ("refusal_quality_vs_alpha", "mmlu_vs_alpha", "kl_vs_alpha", "over_refusal_vs_alpha", "refusal_vs_kl",
@@ -43,14 +47,14 @@ def _series(run: Run, key: str, ci_key: str | None) -> tuple[np.ndarray, np.ndar
     """(alpha, value, [lo, hi] or None) over the points that have `key`."""
     xs, ys, cis = [], [], []
     for point in run.points:
-        value = point.get(key)
+        value = point.value(key)
         if not is_number(value):
             continue
-        xs.append(point["alpha"])
+        xs.append(point.alpha)
         ys.append(value)
-        ci = point.get(ci_key) if ci_key else None
+        ci = point.value(ci_key) if ci_key else None
         cis.append(ci if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(is_number, ci)) else (value, value))
-    has_ci = ci_key is not None and any(point.get(ci_key) for point in run.points if is_number(point.get(key)))
+    has_ci = ci_key is not None and any(point.value(ci_key) for point in run.points if is_number(point.value(key)))
     return np.asarray(xs, float), np.asarray(ys, float), (np.asarray(cis, float) if has_ci and cis else None)
 
 
@@ -62,7 +66,7 @@ def _plot_metric(ax, runs: list[Run], colours: dict, key: str, ci_key: str | Non
         if not len(x):
             continue
         colour = colours[id(run)]
-        ax.plot(x, y, marker=_MARKERS.get(run.method, "D"), markersize=4, linewidth=1.6, color=colour,
+        ax.plot(x, y, marker=_marker(run.method), markersize=4, linewidth=1.6, color=colour,
                 linestyle="-" if run.complete else "--", label=run.display)
         if ci is not None:
             ax.fill_between(x, ci[:, 0], ci[:, 1], color=colour, alpha=0.15, linewidth=0)
@@ -91,12 +95,12 @@ def _legend(fig: Figure, axes) -> None:
 
 
 def _any(runs: list[Run], key: str) -> bool:
-    return any(is_number(point.get(key)) for run in runs for point in run.points)
+    return any(is_number(point.value(key)) for run in runs for point in run.points)
 
 
 def kl_name(runs: list[Run]) -> str:
     """What the runs' kl_divergence measures, from results.json's kl_direction (older runs: steered first)."""
-    directions = {run.results.get("kl_direction", "steered||unsteered") for run in runs}
+    directions = {run.results.extra.get("kl_direction", "steered||unsteered") for run in runs}
     if len(directions) != 1:
         return "KL (directions differ: see kl_direction)"
     first, second = directions.pop().split("||")
@@ -154,18 +158,18 @@ def plot_refusal_vs_kl(runs: list[Run], path: Path) -> Path:
     colours = _colours(runs)
     front = pareto_front(runs)
     if len(front) >= 2:
-        ax.step([p["kl_divergence"] for _, p in front], [p["refusal_rate"] for _, p in front], where="post",
+        ax.step([p.kl_divergence for _, p in front], [p.refusal_rate for _, p in front], where="post",
                 color="0.4", linestyle="--", linewidth=1, label=f"Pareto front (quality >= {QUALITY_FLOOR})")
     for run, point in steered_points(runs):
         colour = colours[id(run)]
-        ci = point.get("refusal_ci95")
+        ci = point.refusal_ci95
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(map(is_number, ci)):
-            ax.errorbar(point["kl_divergence"], point["refusal_rate"], color=colour, linewidth=0.8,
-                        yerr=[[point["refusal_rate"] - ci[0]], [ci[1] - point["refusal_rate"]]])
-        kept = is_number(point.get("quality")) and point["quality"] >= QUALITY_FLOOR
-        ax.plot(point["kl_divergence"], point["refusal_rate"], marker=_MARKERS.get(run.method, "D"), markersize=7,
+            ax.errorbar(point.kl_divergence, point.refusal_rate, color=colour, linewidth=0.8,
+                        yerr=[[point.refusal_rate - ci[0]], [ci[1] - point.refusal_rate]])
+        kept = is_number(point.quality) and point.quality >= QUALITY_FLOOR
+        ax.plot(point.kl_divergence, point.refusal_rate, marker=_marker(run.method), markersize=7,
                 color=colour, markerfacecolor=colour if kept else "white", linestyle="none",
-                label=run.display if len(run.points) == 1 else f"{run.display} a={point['alpha']:g}")
+                label=run.display if len(run.points) == 1 else f"{run.display} a={point.alpha:g}")
     ax.set(title=f"Refusal vs KL at each steered point (hollow: quality < {QUALITY_FLOOR})",
            xlabel=f"{kl_name(runs)}, next token (nats)", ylabel="refusal rate", ylim=(-0.03, 1.03))
     ax.grid(True, alpha=0.3)

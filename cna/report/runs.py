@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cna.circuit import Circuit
 from cna.errors import CnaError
-from cna.run_folder import RESULTS, read_circuit, read_json, read_overrides
+from cna.io import read_json
+from cna.run_folder import RESULTS, JobResults, Point, read_circuit, read_overrides
 
 # Override keys that never tell two runs apart in a label: model and method are in the label already.
 _LABEL_EXCLUDED_KEYS = {"model", "method", "resume", "logger"}
@@ -28,7 +29,7 @@ class Run:
     """One run folder: its results, its circuit (neuron circuit or residual direction) and its Hydra overrides."""
 
     path: Path
-    results: dict
+    results: JobResults
     circuit: Circuit | None = None  # neuron circuits (cna, random)
     direction: dict | None = None  # circuit.json of a residual-direction method (caa, direction), vector dropped
     overrides: list[str] = field(default_factory=list)
@@ -37,7 +38,7 @@ class Run:
 
     @property
     def model(self) -> str:
-        return str(self.results.get("model", "?"))
+        return self.results.model
 
     @property
     def short_model(self) -> str:
@@ -45,15 +46,15 @@ class Run:
 
     @property
     def method(self) -> str:
-        return str(self.results.get("method", "?"))
+        return self.results.method
 
     @property
     def status(self) -> str:
-        return str(self.results.get("status", "unknown"))
+        return self.results.status
 
     @property
     def complete(self) -> bool:
-        return self.results.get("status") == "complete"
+        return self.results.complete
 
     @property
     def display(self) -> str:
@@ -69,9 +70,8 @@ class Run:
         return f"{base}\n{second}" if second else base
 
     @property
-    def points(self) -> list[dict]:
-        points = [p for p in self.results.get("points") or [] if isinstance(p, dict) and is_number(p.get("alpha"))]
-        return sorted(points, key=lambda p: p["alpha"])
+    def points(self) -> list[Point]:
+        return sorted((p for p in self.results.points if is_number(p.alpha)), key=lambda p: p.alpha)
 
 
 def is_number(value) -> bool:
@@ -89,7 +89,7 @@ def shorten(label: str, width: int = 60) -> str:
 def load_run(run_dir: Path) -> Run:
     """Read one run folder; raises CnaError when its results.json is not a readable JSON object."""
     run_dir = Path(run_dir)
-    run = Run(run_dir, read_json(run_dir / RESULTS), overrides=read_overrides(run_dir))
+    run = Run(run_dir, JobResults.from_dict(read_json(run_dir / RESULTS)), overrides=read_overrides(run_dir))
     circuit = read_circuit(run_dir)
     if isinstance(circuit, Circuit):
         run.circuit = circuit

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cna.circuit import localisation
+from cna.evaluation.metric import Field, metric_types
 from cna.report.analysis import (
     MISSING,
     QUALITY_FLOOR,
@@ -22,26 +23,31 @@ from cna.report.analysis import (
 )
 from cna.report.figures import draw_figures
 from cna.report.runs import NoRunsError, Run, find_runs, folder_name, is_number
+from cna.run_folder import Point
 
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def point_row(run: Run, point: dict) -> list[str]:
+def table_fields(runs: list[Run]) -> list[Field]:
+    """The points table's metric columns: every registered metric's fields, in the registry's order, that some
+    point of these runs has."""
+    fields = [f for metric in metric_types().values() for f in metric.fields if f.table]
+    return [f for f in fields if any(is_number(point.value(f.name)) for run in runs for point in run.points)]
+
+
+def table_header(fields: list[Field]) -> list[str]:
+    return ["run", "model", "method", "alpha", "m", *(f"{f.label} [95% CI]" if f.ci else f.label for f in fields),
+            "n"]
+
+
+def point_row(run: Run, point: Point, fields: list[Field]) -> list[str]:
     """One summary table row: how every number of a point is printed."""
-    return [
-        run.display, run.short_model, run.method, fmt(point.get("alpha"), "g"), fmt(point.get("multiplier"), "g"),
-        fmt_ci(point.get("refusal_rate"), point.get("refusal_ci95")), fmt(point.get("quality")),
-        fmt(point.get("degenerate_rate")), fmt_ci(point.get("mmlu_accuracy"), point.get("mmlu_ci95")),
-        fmt(point.get("kl_divergence"), ".4g"),
-        fmt_ci(point.get("over_refusal_rate"), point.get("over_refusal_ci95")),
-        str(point.get("n_prompts", MISSING)),
-    ]
-
-
-_TABLE_HEADER = ["run", "model", "method", "alpha", "m", "refusal rate [95% CI]", "quality", "degenerate",
-                 "MMLU [95% CI]", "KL", "over-refusal [95% CI]", "n"]
+    values = [fmt_ci(point.value(f.name), point.value(f.ci), f.digits) if f.ci else fmt(point.value(f.name), f.digits)
+              for f in fields]
+    return [run.display, run.short_model, run.method, fmt(point.alpha, "g"), fmt(point.multiplier, "g"), *values,
+            str(point.n_prompts)]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -54,16 +60,15 @@ def _judge_section(runs: list[Run]) -> list[str]:
     """Keyword and judge refusal side by side, for the points a judge scored (eval.judge or python -m cna.judge)."""
     rows = []
     for run in runs:
-        judge = run.results.get("judge") or {}
+        judge = run.results.extra.get("judge") or {}
         for point in run.points:
-            if point.get("judge_refusal_rate") is None:
+            if point.value("judge_refusal_rate") is None:
                 continue
             rows.append([run.display, f"{judge.get('name', MISSING)} ({judge.get('model', MISSING)})",
-                         fmt(point.get("alpha"), "g"),
-                         fmt_ci(point.get("refusal_rate"), point.get("refusal_ci95")),
-                         fmt_ci(point.get("judge_refusal_rate"), point.get("judge_refusal_ci95")),
-                         fmt_ci(point.get("judge_score"), point.get("judge_score_ci95")),
-                         str(point.get("judge_parse_failures", MISSING))])
+                         fmt(point.alpha, "g"), fmt_ci(point.refusal_rate, point.refusal_ci95),
+                         fmt_ci(point.value("judge_refusal_rate"), point.value("judge_refusal_ci95")),
+                         fmt_ci(point.value("judge_score"), point.value("judge_score_ci95")),
+                         str(point.value("judge_parse_failures", MISSING))])
     if not rows:
         return []
     header = ["run", "judge (model)", "alpha", "keyword refusal [95% CI]", "judge refusal [95% CI]",
@@ -110,9 +115,9 @@ def _direction_line(run: Run) -> str:
 
 def _in_sample_text(run: Run) -> str:
     """'no', 'yes (set: n, ...)', or n/a for results written before the overlap was recorded."""
-    if "in_sample" not in run.results:
+    if "in_sample" not in run.results.extra:
         return MISSING
-    overlap = {name: n for name, n in (run.results.get("discovery_overlap") or {}).items() if n}
+    overlap = {name: n for name, n in (run.results.extra.get("discovery_overlap") or {}).items() if n}
     return "yes (" + ", ".join(f"{name}: {n}" for name, n in overlap.items()) + ")" if overlap else "no"
 
 
@@ -126,7 +131,7 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
         lines += [effect_sentence(changes), "",
                   "(Change: the strongest point minus the same run's alpha = 0 point; 95% interval by Newcombe's "
                   "method, conservative for the shared prompts.)", ""]
-    in_sample = [run for run in runs if run.results.get("in_sample")]
+    in_sample = [run for run in runs if run.results.extra.get("in_sample")]
     if in_sample:
         lines += [f"**In-sample:** {len(in_sample)} run(s) discovered their circuit on prompts they are also "
                   "evaluated on (see the in-sample column); their numbers are not held-out results.", ""]
@@ -134,17 +139,18 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
     lines += ["## Runs", ""]
     run_rows = []
     for run in runs:
-        timings = run.results.get("timings_s") or {}
+        timings = run.results.timings_s
         total = sum(v for v in timings.values() if is_number(v))
-        status = f"{run.status}: {run.results['error']}" if run.results.get("error") else run.status
+        status = f"{run.status}: {run.results.error}" if run.results.error else run.status
         run_rows.append([run.display, run.model, run.method, status, str(len(run.points)),
                          f"{total:.0f}" if timings else MISSING, _in_sample_text(run), folder_name(run.path, folder)])
     lines += _table(["run", "model", "method", "status", "points", "time (s)", "in-sample discovery", "folder"],
                     run_rows) + [""]
 
     lines += ["## Points", ""]
-    rows = [point_row(run, point) for run in runs for point in run.points]
-    lines += (_table(_TABLE_HEADER, rows) if rows else ["No finished points yet."]) + [""]
+    fields = table_fields(runs)
+    rows = [point_row(run, point, fields) for run in runs for point in run.points]
+    lines += (_table(table_header(fields), rows) if rows else ["No finished points yet."]) + [""]
 
     lines += _judge_section(runs)
 
@@ -158,8 +164,9 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
     if len(steered_points(runs)) >= 2:
         front = pareto_front(runs)
         lines += [f"## Pareto front: refusal vs KL at quality >= {QUALITY_FLOOR}", ""]
-        lines += (_table(_TABLE_HEADER + ["folder"], [point_row(run, point) + [folder_name(run.path, folder)]
-                                                      for run, point in front])
+        lines += (_table(table_header(fields) + ["folder"], [point_row(run, point, fields)
+                                                             + [folder_name(run.path, folder)]
+                                                             for run, point in front])
                   if front else [f"No steered point keeps quality >= {QUALITY_FLOOR}."]) + [""]
     directions = [run for run in runs if run.direction is not None]
     if directions:
