@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from test_pipeline import run, small_job
 from transformers import AutoModelForCausalLM
 
+import cna
 from cna.attribution import collect_gradients, neuron_writes, refusal_log_odds
 from cna.batching import pad_batch
 from cna.circuit import (
@@ -293,6 +294,22 @@ def test_the_router_baseline_suppresses_and_boosts_experts(family):
         routed = (chosen == expert).sum()
         assert routed == (IDS.numel() if always else 0), shift
     assert RouterBias(adapter, choice).first_steered_layer() == min(e["layer"] for e in choice.experts)
+
+
+def test_the_public_steer_takes_a_router_choice_through_the_registry():
+    planted = planted_moe("qwen3_moe")
+    model, (layer, expert, _) = planted.model, planted.neuron
+    choice = ExpertChoice("tiny", "router", [{"layer": layer, "expert": expert, "shift": -100.0}], 3, 8)
+    plain = logits(model)
+    with cna.steer(model, choice, 0.0):
+        assert torch.equal(logits(model), plain)
+    with RouterBias(ArchitectureAdapter(model), choice).steer(1.0):
+        direct = logits(model)
+    with cna.steer(model, choice, 1.0, positions="all"):
+        assert torch.equal(logits(model), direct) and not torch.equal(direct, plain)
+    assert hook_count(model) == 0
+    with pytest.raises(ConfigError, match="^steer: mode do not apply to router"):
+        cna.steer(model, choice, mode="mean")
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
