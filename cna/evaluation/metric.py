@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     from cna.evaluation.evaluator import PointContext, Session
 
 # The built-in metrics, imported (and so registered) in this order the first time the registry is read.
-BUILT_IN = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "judges")
-BUILT_IN_ORDER = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "judge")  # their names
+BUILT_IN = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "lm_eval", "judges")
+# their names:
+BUILT_IN_ORDER = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "lm_eval", "judge")
 
 
 @dataclass(frozen=True)
