@@ -51,7 +51,8 @@ class LmEvalConfig:
     include_path: str | None = None  # a folder of local task YAMLs (searched before lm-eval's own tasks)
     limit: int | None = bounded(None, 1, integer=True)  # questions per task, the first ones (null: all)
     num_fewshot: int | None = bounded(None, 0, integer=True)  # null: each task's own default
-    batch_size: int | None = bounded(None, 1, integer=True)  # null: the job's batch_size
+    # lm-eval holds batch x length x vocabulary log-probabilities (8 x 650 x 152k floats: 3 GiB on MMLU with Qwen)
+    batch_size: int = bounded(8, 1, integer=True)
     apply_chat_template: bool = False  # wrap each request in the tokenizer's chat template (few-shot as turns)
     bootstrap_iters: int = bounded(100000, 0, integer=True)  # for metrics whose stderr has no closed form; 0: none
 
@@ -73,6 +74,7 @@ def task_manager(names: Sequence[str], include_path: str | None):
     own ~15k task files takes seconds), else with lm-eval's own tasks; ConfigError naming an unknown name."""
     from lm_eval.tasks import TaskManager
 
+    include_path = str(Path(include_path).expanduser()) if include_path else None
     manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
     if manager is None or set(names) - set(manager.all_tasks):
         manager = TaskManager(include_path=include_path)
@@ -148,7 +150,7 @@ class LmEval(Metric):
     config_type = LmEvalConfig
 
     def __init__(self, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
-                 num_fewshot: int | None = None, batch_size: int | None = None, apply_chat_template: bool = False,
+                 num_fewshot: int | None = None, batch_size: int = 8, apply_chat_template: bool = False,
                  bootstrap_iters: int = 100000, seed: int = 0):
         """Index and load the tasks (their datasets and few-shot settings): before any model loads."""
         self.check(LmEvalConfig(list(tasks), include_path))
@@ -219,8 +221,7 @@ class LmEval(Metric):
         """lm-eval's HF wrapper around the loaded model object itself: no path, so nothing is loaded again."""
         from lm_eval.models.huggingface import HFLM
 
-        self.wrapper = HFLM(pretrained=session.model, tokenizer=session.tokenizer,
-                            batch_size=self.batch_size or session.batch_size)
+        self.wrapper = HFLM(pretrained=session.model, tokenizer=session.tokenizer, batch_size=self.batch_size)
         if self.wrapper.model is not session.model:
             raise CnaError("lm-eval's HFLM does not hold the job's model object: steering would not reach it")
 

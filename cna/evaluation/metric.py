@@ -26,9 +26,9 @@ from cna.schema import bounded
 if TYPE_CHECKING:
     from cna.evaluation.evaluator import PointContext, Session
 
-# The built-in metrics, imported (and so registered) in this order the first time the registry is read.
+# The built-in metrics' modules, imported (and so registered) in this order the first time the registry is read,
+# then their names in the same order.
 BUILT_IN = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "lm_eval", "judges")
-# their names:
 BUILT_IN_ORDER = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "lm_eval", "judge")
 
 
