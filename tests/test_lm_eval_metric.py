@@ -73,13 +73,40 @@ def test_steering_reaches_lm_eval_through_our_model_object_and_alpha_0_is_the_pl
     assert min(moved) > 1e-4
 
 
+def test_generation_tasks_generate_with_the_steered_model(tiny_folder, tmp_path):
+    """A generate_until task (the kind GSM8K and IFEval are): lm-eval's generations follow the intervention."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"prompt": f"w{4 + i} w{9 + i} w{20 + i}", "target": "yes"}) + "\n"
+                            for i in range(8)))
+    (tmp_path / "tiny_gen.yaml").write_text(json.dumps({
+        "task": "tiny_gen", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(docs)}},
+        "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{prompt}}",
+        "doc_to_target": "{{target}}", "generation_kwargs": {"until": ["<eos>"], "max_gen_toks": 6, "do_sample": False},
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
+        "metadata": {"version": 1.0}}))
+    model, tokenizer = cna.load_model(str(tiny_folder))
+    positive = [f"w{i} w{i + 1} w{i + 2} yes" for i in range(4, 40, 3)]
+    negative = [f"w{i + 2} w{i} no" for i in range(4, 40, 3)]
+    circuit = cna.discover(model, tokenizer, positive, negative, k=24, universal=False, progress=False)
+    steered, plain = (LmEval(["tiny_gen"], include_path=str(tmp_path)) for _ in range(2))
+    results = cna.evaluate(model, tokenizer, [steered], alphas=[0.0, 1.0], intervention=circuit, progress=False)
+    cna.evaluate(model, tokenizer, [plain], alphas=[0.0], progress=False)
+
+    def generations(metric, alpha):
+        return [sample["filtered_resps"][0] for sample in metric.per_question[alpha]["tiny_gen"]]
+
+    assert results.points[1].value("lm_eval/tiny_gen/n") == 8
+    assert generations(steered, 0.0) == generations(plain, 0.0)
+    assert generations(steered, 1.0) != generations(steered, 0.0)
+
+
 def test_a_job_records_lm_eval_fields_with_intervals_in_results_json(tiny_folder, mmlu_task, tmp_path):
-    job = small_job(tiny_folder, tmp_path / "cache", "+metric@eval.lm_eval=lm_eval", f"eval.lm_eval.tasks=[{TASK}]",
-                    f"eval.lm_eval.include_path={mmlu_task}", "eval.lm_eval.limit=6", "method.k=24",
-                    "method.universal.enabled=false", "eval.refusal.n=1", "eval.over_refusal.jbb_benign.n=0",
-                    "eval.over_refusal.xstest_safe.n=0", "eval.kl.n=0")
-    pipeline.run(job, tmp_path / "run")
-    saved = json.loads((tmp_path / "run" / RESULTS).read_text())
+    lm_eval = ["+metric@eval.lm_eval=lm_eval", f"eval.lm_eval.tasks=[{TASK}]", f"eval.lm_eval.include_path={mmlu_task}",
+               "eval.lm_eval.limit=6", "eval.refusal.n=1", "eval.over_refusal.jbb_benign.n=0",
+               "eval.over_refusal.xstest_safe.n=0", "eval.kl.n=0"]
+    pipeline.run(small_job(tiny_folder, tmp_path / "cache", *lm_eval, "method.k=24", "method.universal.enabled=false"),
+                 tmp_path / "cna")
+    saved = json.loads((tmp_path / "cna" / RESULTS).read_text())
 
     assert saved["lm_eval"]["tasks"][TASK] == {"version": 1.0, "num_fewshot": 0, "output_type": "multiple_choice"}
     assert saved["timings_s"]["lm_eval"] > 0
@@ -92,6 +119,10 @@ def test_a_job_records_lm_eval_fields_with_intervals_in_results_json(tiny_folder
     plain = cna.evaluate(model, tokenizer, [LmEval([TASK], include_path=str(mmlu_task), limit=6)], alphas=[0.0],
                          progress=False)
     assert saved["points"][0]["alpha"] == 0.0 and saved["points"][0][ACC] == plain.points[0].value(ACC)
+    # Another recipe's job reuses that unsteered point from the baseline cache: lm-eval's requests hash the same.
+    pipeline.run(small_job(tiny_folder, tmp_path / "cache", *lm_eval, "method=caa"), tmp_path / "caa")
+    reused = json.loads((tmp_path / "caa" / RESULTS).read_text())["points"][0]
+    assert reused["reused"] is True and reused[ACC] == saved["points"][0][ACC]
 
 
 def test_limit_and_num_fewshot_reach_lm_eval(tiny_folder, mmlu_task):
