@@ -21,11 +21,13 @@ from cna.api import (
     evaluate,
     export_baked,
     export_orthogonalised,
+    generate,
     intervention_for,
     load_model,
     steer,
 )
 from cna.circuit import Circuit, Neuron, ResidualDirection
+from cna.data import read_prompt_file as read_prompts
 from cna.errors import CnaError, ConfigError
 from cna.evaluation.kl import Kl
 from cna.evaluation.metric import Metric, register_metric
@@ -39,6 +41,7 @@ from cna.methods.base import SteeringMethod
 
 __all__ = ["Circuit", "CnaError", "ConfigError", "Intervention", "Kl", "Metric", "Mmlu", "MmluQuestion", "Neuron",
            "OverRefusal", "Quality", "Refusal", "ResidualDirection", "Results", "SteeringMethod", "caa", "direction",
-           "discover", "evaluate", "export_baked", "export_orthogonalised", "intervention_for", "load_mmlu_folder",
-           "load_model", "register_metric", "register_method", "steer", "stratified_sample"]
+           "discover", "evaluate", "export_baked", "export_orthogonalised", "generate", "intervention_for",
+           "load_mmlu_folder", "load_model", "read_prompts", "register_metric", "register_method", "steer",
+           "stratified_sample"]
 __version__ = "0.1.0"

@@ -175,6 +175,14 @@ def steer(model, found: Found | Intervention, alpha: float = 1.0, *, multiplier:
     return intervention.steer(alpha) if multiplier is None else intervention.multiply(multiplier)
 
 
+def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48, template: str = "chat",
+             batch_size: int = 16, progress: bool = True) -> list[str]:
+    """Greedy responses, batched (finished rows make room for waiting prompts); under whatever steering is active."""
+    session = Session(model, tokenizer, template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                      progress=progress)
+    return session.generate(prompts, "generation")
+
+
 @dataclass
 class Results:
     """What `evaluate` measured: one point per strength (as in results.json), every response, seconds per stage."""

@@ -40,6 +40,13 @@ def _in_range(value, low, high, low_open: bool, integer: bool) -> bool:
     return above and (high is None or value <= high)
 
 
+def shown(value: Any) -> str:
+    """A value as the user wrote it: a typed float 2.0 came from `2`."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
 def check_settings(settings: Any, path: str = "", *, skip: tuple[str, ...] = ()) -> None:
     """Raise ConfigError on the first field of `settings` (a config dataclass, nested ones and dicts of them
     included) whose value its metadata does not accept; `path` is its place in the job config ("" at the top),
@@ -55,8 +62,8 @@ def check_settings(settings: Any, path: str = "", *, skip: tuple[str, ...] = ())
             continue
         value, key = getattr(settings, spec.name), f"{path}.{spec.name}" if path else spec.name
         if "choices" in spec.metadata and value not in spec.metadata["choices"]:
-            shown = ", ".join("null" if c is None else str(c) for c in spec.metadata["choices"])
-            raise ConfigError(f"{key}: expected one of {shown}, got {value!r}")
+            choices = ", ".join("null" if c is None else str(c) for c in spec.metadata["choices"])
+            raise ConfigError(f"{key}: expected one of {choices}, got {shown(value)}")
         if "range" in spec.metadata and value is not None and not _in_range(value, *spec.metadata["range"]):
-            raise ConfigError(f"{key}: expected {_describe_range(*spec.metadata['range'])}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_describe_range(*spec.metadata['range'])}, got {shown(value)}")
         check_settings(value, key)

@@ -27,7 +27,7 @@ from cna.models import (
     resolve_device,
 )
 from cna.network import server_reachable
-from cna.schema import check_settings
+from cna.schema import check_settings, shown
 
 HUB_ENDPOINT_ENV, DEFAULT_HUB_ENDPOINT = "HF_ENDPOINT", "https://huggingface.co"
 
@@ -60,13 +60,13 @@ def _validate_sweep(job: JobConfig, method: SteeringMethod) -> None:
                               f"neurons), got {sweep.multipliers!r}")
         for i, value in enumerate(sweep.multipliers):
             if value < 0:
-                raise ConfigError(f"multipliers[{i}]: expected a number >= 0, got {value!r}")
+                raise ConfigError(f"multipliers[{i}]: expected a number >= 0, got {shown(value)}")
         return
     if not sweep.alphas:
         raise ConfigError(f"alphas: expected a non-empty list of numbers in [0, 1], got {sweep.alphas!r}")
     for i, value in enumerate(sweep.alphas):
         if not 0 <= value <= 1:
-            raise ConfigError(f"alphas[{i}]: expected a number in [0, 1], got {value!r}")
+            raise ConfigError(f"alphas[{i}]: expected a number in [0, 1], got {shown(value)}")
 
 
 def _validate_search(job: JobConfig) -> None:

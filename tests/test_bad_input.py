@@ -20,12 +20,12 @@ from test_pipeline import run, small_job
 
 from cna.cache import StatisticsCache
 from cna.circuit import Circuit
-from cna.config import validate
 from cna.discovery import ActivationStatistics
 from cna.errors import CnaError, ConfigError
 from cna.models import ModelSpec, resolve_source
 from cna.pipeline import prepare_data
 from cna.run_folder import GENERATIONS, RESULTS
+from cna.validation import validate
 from conftest import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,8 @@ def config_only(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["seed=abc"], "seed: expected an integer >= 0, got 'abc'"),
+    (["seed=abc"], "seed: expected an integer, got 'abc'"),
+    (["seed=-1"], "seed: expected an integer >= 0, got -1"),
     (["method.layers=[30,40]"], "method.layers: [30, 40) is not within [0, 24)"),
     (["method=caa", "method.layer=99"], "method.layer: expected a layer in [0, 24) (model "),
     (["method=direction", "method.layer=24"], "method.layer: expected a layer in [0, 24)"),
@@ -60,6 +61,44 @@ def test_model_shape_checks_read_config_json_and_name_their_key(overrides, messa
     with pytest.raises(ConfigError) as error:
         validate(composed(f"model.path={config_only}", *overrides))
     assert one_line(error).startswith(message)
+
+
+def launch(tmp_path: Path, tiny_folder: Path, *overrides: str) -> tuple[subprocess.CompletedProcess, float]:
+    """launch.py as a user runs it (the tiny model, the real data files), and its wall time."""
+    env = {**os.environ, "CNA_TINY_MODEL": str(tiny_folder), "CNA_DATA_DIR": str(data_dir()),
+           "CNA_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "launch.py", "model=tiny_random", f"hydra.run.dir={tmp_path / 'run'}",
+                           *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return done, time.perf_counter() - started
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["method=caa", "method.scale=abc"], "method.scale: expected a number, got 'abc'"),
+    (["logger=wandb", "logger.mode=bogus"], "logger.mode: expected one of auto, online, offline, disabled, got "
+                                            "'bogus'"),
+])
+def test_a_wrong_value_stops_launch_with_one_line_before_the_model_loads(tmp_path, tiny_folder, overrides, message):
+    done, _ = launch(tmp_path, tiny_folder, *overrides)
+    assert done.returncode == 2 and done.stderr == f"error: {message}\n"
+    assert not (tmp_path / "run" / "circuit.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_discovery_rows_that_are_not_text_are_one_line_naming_the_row(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"instruction": 5}, {"instruction": None}]))
+    cfg = composed(f"data_dir={data_dir()}", f"prompts.positive.path={path}")
+    with pytest.raises(ConfigError) as error:
+        prepare_data(cfg)
+    assert one_line(error) == f"prompt file '{path}': row 1's 'instruction' is 5, not text"
+
+
+def test_an_unreachable_judge_server_stops_the_job_before_the_model_loads(tmp_path, tiny_folder):
+    done, seconds = launch(tmp_path, tiny_folder, "eval.judge=strongreject", "eval.judge.backend=openai",
+                           "eval.judge.base_url=http://127.0.0.1:9/v1")  # the discard port: nothing answers
+    assert done.returncode == 2 and seconds < 60
+    assert done.stderr.startswith("error: eval.judge.base_url: nothing answers at http://127.0.0.1:9/v1")
+    assert done.stderr.count("\n") == 1 and not (tmp_path / "run" / "circuit.json").exists()
 
 
 def test_settings_that_fit_the_model_pass(config_only):

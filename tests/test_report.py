@@ -109,10 +109,11 @@ def test_summary_lists_runs_points_circuits_and_figures(multirun):
     summary = write_report(multirun)["summary"].read_text()
     for name in ("Qwen2.5-Coder-0.5B-Instruct", "SmolLM2-135M-Instruct", "/cna", "/caa"):
         assert name in summary
-    # The known point, formatted as printed: alpha, m, refusal [CI], quality, degenerate, MMLU [CI], KL, over-refusal.
+    # The known point, formatted as printed: alpha, m, then each metric's fields in the registry's order (refusal
+    # [CI], quality [CI], degenerate, over-refusal [CI], MMLU [CI], KL), n.
     row = ("| Qwen2.5-Coder-0.5B-Instruct/cna [method.k_fraction=default] | Qwen2.5-Coder-0.5B-Instruct | cna "
-           "| 0.5 | 0.5 | 0.420 [0.325, 0.521] | 0.873 | 0.030 | 0.455 [0.424, 0.486] | 0.01234 "
-           "| 0.080 [0.041, 0.151] | 100 |")
+           "| 0.5 | 0.5 | 0.420 [0.325, 0.521] | 0.873 [0.850, 0.900] | 0.030 | 0.080 [0.041, 0.151] "
+           "| 0.455 [0.424, 0.486] | 0.01234 | 100 |")
     assert row in summary
     # The incomplete job is there, marked, and told apart from its sibling by the override that differs.
     assert "Qwen2.5-Coder-0.5B-Instruct/cna [method.k_fraction=0.002] (incomplete)" in summary

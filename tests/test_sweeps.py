@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
-from cna.config import validate
+from cna.config import compose_job
+from cna.validation import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -33,7 +33,5 @@ def test_every_sweep_point_composes_and_validates(path, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     points = parameter_sets(sweep)
     assert len(points) > 1
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for overrides in points:
-            cfg = compose("config", overrides=[*overrides, f"model.path={tmp_path}"])
-            validate(cfg)
+    for overrides in points:
+        validate(compose_job([*overrides, f"model.path={tmp_path}"]))

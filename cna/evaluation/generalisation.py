@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class Generalisation(Metric):
     name = "generalisation"
     config_type = dict[str, EvalSet]  # set name -> source and n (null: every prompt left after filtering)
+    order = 40
     logged_when = "logged only when eval.generalisation names sets"
 
     def __init__(self, sets: dict[str, list[str]], removed: dict[str, int] | None = None):

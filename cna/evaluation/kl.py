@@ -61,6 +61,7 @@ class Kl(Metric):
 
     name = "kl"
     config_type = KlConfig
+    order = 60
     objectives = ("kl_divergence",)
     fields = (Field("kl_divergence", "KL", digits=".4g",
                     about="KL(steered || unsteered) of the next-token distribution at the first response token."),)

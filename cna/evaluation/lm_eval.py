@@ -148,6 +148,7 @@ class LmEval(Metric):
 
     name = "lm_eval"
     config_type = LmEvalConfig
+    order = 70  # after the built-in metrics it checks capability beside (MMLU, KL), before the judge
 
     def __init__(self, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
                  num_fewshot: int | None = None, batch_size: int = 8, apply_chat_template: bool = False,

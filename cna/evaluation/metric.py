@@ -14,22 +14,18 @@ quality score, and keeps the records that become generations.jsonl lines.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from cna.data import PromptSource, load_prompts, subsample
 from cna.errors import ConfigError
+from cna.plugins import import_package
 from cna.schema import bounded
 
 if TYPE_CHECKING:
     from cna.evaluation.evaluator import PointContext, Session
 
-# The built-in metrics' modules, imported (and so registered) in this order the first time the registry is read,
-# then their names in the same order.
-BUILT_IN = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "lm_eval", "judges")
-BUILT_IN_ORDER = ("refusal", "quality", "over_refusal", "generalisation", "mmlu", "kl", "lm_eval", "judge")
 
 
 @dataclass(frozen=True)
@@ -71,6 +67,7 @@ class Metric(ABC):
     objectives: ClassVar[tuple[str, ...]] = ()  # point fields a hyper-parameter sweeper may minimise
     stage: ClassVar[str | None] = None  # its name in results.json timings_s (default: `name`)
     steered: ClassVar[bool] = True  # measured under the intervention; False: right after it is removed
+    order: ClassVar[int] = 100  # its place in the evaluator, the report's table and the dashboard (then by name)
     logged_when: ClassVar[str | None] = None  # for metrics a default job does not run: when its fields appear
     history_keys: ClassVar[tuple[str, ...]] = ()  # more W&B history keys its dashboard panel draws
 
@@ -121,11 +118,10 @@ def register_metric(cls: type[Metric]) -> type[Metric]:
 
 
 def metric_types() -> dict[str, type[Metric]]:
-    """Every registered metric, built-in ones first, by name."""
-    for module in BUILT_IN:
-        importlib.import_module(f"cna.evaluation.{module}")
-    order = {name: i for i, name in enumerate(BUILT_IN_ORDER)}
-    return dict(sorted(_REGISTRY.items(), key=lambda item: order.get(item[0], len(order))))
+    """Every registered metric by name, in their `order`; the modules of cna.evaluation register theirs on import."""
+    import_package("cna.evaluation")
+    return dict(sorted(_REGISTRY.items(), key=lambda item: (item[1].order, item[0])))
+
 
 
 def search_objectives() -> dict[str, str]:

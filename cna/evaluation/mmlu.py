@@ -153,6 +153,7 @@ class Mmlu(Metric):
 
     name = "mmlu"
     config_type = MmluConfig
+    order = 50
     fields = (Field("mmlu_accuracy", "MMLU", "mmlu_ci95",
                     about="Multiple-choice accuracy under the same intervention (chance is 0.25)."),)
 

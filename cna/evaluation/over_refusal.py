@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class OverRefusal(Metric):
     name = "over_refusal"
     config_type = dict[str, EvalSet]  # set name -> where it comes from and how many prompts (n: 0 leaves it out)
+    order = 30
     objectives = ("over_refusal_rate",)
     history_keys = ("over_refusal/jbb_benign", "over_refusal/xstest_safe")  # the default sets, per set
     fields = (Field("over_refusal_rate", "over-refusal", "over_refusal_ci95",

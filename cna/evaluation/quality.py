@@ -70,6 +70,7 @@ class Quality(Metric):
 
     name = "quality"
     config_type = QualityConfig
+    order = 20
     fields = (Field("quality", "quality", "quality_ci95",
                     about="1 - repeated word trigrams of the responses (bootstrap 95% interval)."),
               Field("degenerate_rate", "degenerate", about="The share of empty or too-short responses."))

@@ -31,6 +31,7 @@ class RefusalConfig:
 class Refusal(Metric):
     name = "refusal"
     config_type = RefusalConfig
+    order = 10
     stage = "generation"
     objectives = ("refusal_rate",)
     fields = (Field("refusal_rate", "refusal rate", "refusal_ci95",

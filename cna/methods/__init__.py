@@ -8,13 +8,13 @@ conf/method/<name>.yaml gives its defaults).
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from cna.plugins import import_package
 
 if TYPE_CHECKING:
     from cna.methods.base import SteeringMethod
 
-BUILT_IN = ("cna", "caa", "direction", "random")
 _REGISTRY: dict[str, type[SteeringMethod]] = {}
 
 
@@ -25,11 +25,9 @@ def register_method(cls: type[SteeringMethod]) -> type[SteeringMethod]:
 
 
 def method_types() -> dict[str, type[SteeringMethod]]:
-    """Every registered method, built-in ones first, by name."""
-    for module in BUILT_IN:
-        importlib.import_module(f"cna.methods.{module}")
-    order = {name: i for i, name in enumerate(BUILT_IN)}
-    return dict(sorted(_REGISTRY.items(), key=lambda item: order.get(item[0], len(order))))
+    """Every registered method by name, in their `order`; the modules of cna.methods register theirs on import."""
+    import_package("cna.methods")
+    return dict(sorted(_REGISTRY.items(), key=lambda item: (item[1].order, item[0])))
 
 
 def make_method(config) -> SteeringMethod:

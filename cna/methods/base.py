@@ -94,6 +94,7 @@ class SteeringMethod(ABC):
     name: ClassVar[str]  # the registry key, `method.name`
     config_type: ClassVar[type]
     neuron_level: ClassVar[bool] = False
+    order: ClassVar[int] = 100  # its place in listings and on the dashboard (then by name)
     colour: ClassVar[str] = "#9467bd"  # its colour on the dashboard
     marker: ClassVar[str] = "D"  # its marker in the report's figures
 

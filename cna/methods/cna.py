@@ -88,6 +88,7 @@ class CnaConfig:
 class CnaMethod(SteeringMethod):
     name = "cna"
     config_type = CnaConfig
+    order = 10
     neuron_level = True
     colour = "#1f77b4"
     marker = "o"

@@ -17,6 +17,7 @@ from cna.methods.cna import CnaConfig, CnaMethod
 class RandomMethod(CnaMethod):
     name = "random"
     config_type = CnaConfig
+    order = 40
     colour = "#7f7f7f"
     marker = "x"
 

@@ -169,7 +169,7 @@ def plot_refusal_vs_kl(runs: list[Run], path: Path) -> Path:
         kept = is_number(point.quality) and point.quality >= QUALITY_FLOOR
         ax.plot(point.kl_divergence, point.refusal_rate, marker=_marker(run.method), markersize=7,
                 color=colour, markerfacecolor=colour if kept else "white", linestyle="none",
-                label=run.display if len(run.points) == 1 else f"{run.display} a={point['alpha']:g}")
+                label=run.display if len(run.points) == 1 else f"{run.display} a={point.alpha:g}")
     ax.set(title=f"Refusal vs KL at each steered point (hollow: quality < {QUALITY_FLOOR})",
            xlabel=f"{kl_name(runs)}, next token (nats)", ylabel="refusal rate", ylim=(-0.03, 1.03))
     ax.grid(True, alpha=0.3)

@@ -97,6 +97,7 @@ def judge_point(judge: Judge, values: dict, records: list[dict]) -> None:
 class JudgeMetric(Metric):
     name = "judge"
     config_type = JudgeConfig
+    order = 90
     steered = False
     logged_when = "logged only when eval.judge is set (the LLM judge)"
     fields = (
