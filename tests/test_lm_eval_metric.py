@@ -17,6 +17,7 @@ from cna import pipeline
 from cna.errors import ConfigError
 from cna.evaluation.lm_eval import LmEval, point_fields, write_mmlu_task
 from cna.evaluation.mmlu import load_mmlu_folder, stratified_sample
+from cna.report import write_report
 from cna.run_folder import RESULTS
 from conftest import data_dir
 
@@ -119,6 +120,9 @@ def test_a_job_records_lm_eval_fields_with_intervals_in_results_json(tiny_folder
     plain = cna.evaluate(model, tokenizer, [LmEval([TASK], include_path=str(mmlu_task), limit=6)], alphas=[0.0],
                          progress=False)
     assert saved["points"][0]["alpha"] == 0.0 and saved["points"][0][ACC] == plain.points[0].value(ACC)
+    # The report's points table has a column per task metric, with its interval.
+    summary = write_report(tmp_path / "cna", tmp_path / "report")["summary"].read_text()
+    assert f"| {ACC.removeprefix('lm_eval/')} [95% CI] |" in summary
     # Another recipe's job reuses that unsteered point from the baseline cache: lm-eval's requests hash the same.
     pipeline.run(small_job(tiny_folder, tmp_path / "cache", *lm_eval, "method=caa"), tmp_path / "caa")
     reused = json.loads((tmp_path / "caa" / RESULTS).read_text())["points"][0]

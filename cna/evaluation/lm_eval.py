@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cna.errors import CnaError, ConfigError
-from cna.evaluation.metric import DataContext, Metric, register_metric
+from cna.evaluation.metric import DataContext, Field, Metric, register_metric
 from cna.evaluation.mmlu import LETTERS, MmluQuestion
 from cna.schema import bounded
 
@@ -149,6 +149,14 @@ class LmEval(Metric):
     name = "lm_eval"
     config_type = LmEvalConfig
     order = 70  # after the built-in metrics it checks capability beside (MMLU, KL), before the judge
+
+    @classmethod
+    def measured_fields(cls, keys: set[str]) -> tuple[Field, ...]:
+        """One column per task metric the points carry (the tasks are settings, so the fields are too)."""
+        values = sorted(key for key in keys if key.startswith("lm_eval/") and not key.endswith(("_stderr", "_ci95"))
+                        and not key.endswith("/n"))
+        return tuple(Field(key, key.removeprefix("lm_eval/"), f"{key}_ci95" if f"{key}_ci95" in keys else None)
+                     for key in values)
 
     def __init__(self, tasks: Sequence[str], *, include_path: str | None = None, limit: int | None = None,
                  num_fewshot: int | None = None, batch_size: int = 8, apply_chat_template: bool = False,
