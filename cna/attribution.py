@@ -43,7 +43,8 @@ from cna.batching import last_token_index, length_sorted_batches, pad_batch, pos
 from cna.data import PromptSource, load_prompts, packaged_rows
 from cna.discovery import DISCOVERY_TOKEN_BUDGET, ActivationStatistics, NeuronScores, contrastive_scores
 from cna.errors import ConfigError
-from cna.hooks import Hook, attached, map_input
+from cna.experts import expert_tap
+from cna.hooks import attached, map_input
 from cna.models import ArchitectureAdapter
 
 SCORES = ("delta", "projection", "attribution", "target")
@@ -143,7 +144,7 @@ def collect_gradients(
             hooks.append(map_input(site, open_site(openings[-1])))
             continue
         openings.append(_Opening(layer, 0))
-        hooks.append(Hook(experts.fused, open_experts(openings[-1], experts), pre=True, inside_experts=True))
+        hooks.append(expert_tap(experts.fused, open_experts(openings[-1], experts)))
         if experts.shared is not None:
             openings.append(_Opening(layer, experts.n_routed * experts.width))
             hooks.append(map_input(experts.shared, open_site(openings[-1])))

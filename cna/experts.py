@@ -24,7 +24,6 @@ over experts, `batched_mm`, `grouped_mm`, ...). There is no per-expert `down_pro
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cna.errors import CnaError
+from cna.hooks import TAPS, Hook, read_input, read_output
 
 # (values [rows, width], expert of each row [rows], token of each row [rows] in the flattened batch) -> new values
 # or None (unchanged).
@@ -206,7 +206,6 @@ def layer_spec(experts: LayerExperts | None, dense_width: int | None) -> dict:
 
 # --- the tap: cna's experts implementation ----------------------------------------------------------------------
 
-_TAPS: weakref.WeakKeyDictionary[nn.Module, list[Tap]] = weakref.WeakKeyDictionary()
 _SWITCHED: dict[int, list] = {}  # id(config) -> [config, the implementation it had, taps attached]
 
 
@@ -215,7 +214,7 @@ class TapHandle:
         self.fused, self.tap = fused, tap
 
     def remove(self) -> None:
-        taps = _TAPS.get(self.fused, [])
+        taps = TAPS.get(self.fused, [])
         if self.tap in taps:
             taps.remove(self.tap)
             entry = _SWITCHED[id(self.fused.config)]
@@ -242,12 +241,13 @@ def attach_tap(fused: nn.Module, tap: Tap) -> TapHandle:
         entry = _SWITCHED[id(config)] = [config, config._experts_implementation, 0]
         config._experts_implementation = TAPPED
     entry[2] += 1
-    _TAPS.setdefault(fused, []).append(tap)
+    TAPS.setdefault(fused, []).append(tap)
     return TapHandle(fused, tap)
 
 
-def tap_count(module: nn.Module) -> int:
-    return len(_TAPS.get(module, ()))
+def expert_tap(fused: nn.Module, tap: Tap) -> Hook:
+    """A hook for `cna.hooks.attached` that runs `tap` inside `fused` (see `attach_tap`)."""
+    return Hook(fused, tap, pre=True, attach=attach_tap)
 
 
 def _register() -> None:
@@ -263,7 +263,7 @@ def _tapped_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     inner = _SWITCHED[id(self.config)][1] or "eager"
-    taps = list(_TAPS.get(self, ()))
+    taps = list(TAPS.get(self, ()))
     if not taps:
         kernel = type(self).forward.__wrapped__ if inner == "eager" else ALL_EXPERTS_FUNCTIONS[inner]
         return kernel(self, hidden_states, top_k_index, top_k_weights)
@@ -408,13 +408,11 @@ class ExpertReadout:
         self.chosen = torch.zeros(batch_size, max(e.n_routed for e in moe), device=device)
 
     def hooks(self) -> list:
-        from cna.hooks import Hook, read_input, read_output
-
         hooks = []
         for layer, experts in enumerate(self.layers):
             if experts is None:
                 continue
-            hooks.append(Hook(experts.fused, self._routed(experts), pre=True, inside_experts=True))
+            hooks.append(expert_tap(experts.fused, self._routed(experts)))
             if experts.shared is not None:
                 hooks.append(read_input(experts.shared, self._shared(experts)))
             hooks.append(read_output(experts.block, self._finish(layer, experts)))

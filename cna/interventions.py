@@ -40,7 +40,7 @@ import torch
 
 from cna.circuit import Circuit, ExpertChoice, ResidualDirection
 from cna.errors import CnaError, ConfigError
-from cna.experts import reroute
+from cna.experts import expert_tap, reroute
 from cna.export import baked_weights as baked_weights  # re-exported: steering and its baked form
 from cna.export import export_baked_model as export_baked_model
 from cna.export import export_orthogonalised_model as export_orthogonalised_model
@@ -247,7 +247,7 @@ class NeuronScale(Intervention):
                 steered = steered + offsets.on(values.device)[chosen]
             return steered.to(values.dtype)
 
-        return Hook(experts.fused, scale, pre=True, inside_experts=True)
+        return expert_tap(experts.fused, scale)
 
 
 def _check_experts(adapter: ArchitectureAdapter, groups: dict) -> None:

@@ -37,6 +37,7 @@ from cna.discovery import (
 )
 from cna.errors import CnaError, ConfigError
 from cna.evaluation.scoring import next_token_logprobs
+from cna.experts import expert_tap
 from cna.export import export_baked_model, orthogonalised_weights
 from cna.generation import generate
 from cna.hooks import Hook, attached, hook_count
@@ -86,9 +87,8 @@ def interventions(adapter: ArchitectureAdapter, lowest: int = 0) -> dict:
 
 def expert_rows(adapter: ArchitectureAdapter, layer: int, seen: list) -> Hook:
     """A tap that records (values, expert, whether a real token) of every row the layer's experts compute."""
-    return Hook(adapter.experts[layer].fused, lambda v, e, t: seen.append((v.detach().clone(), e.clone(),
-                                                                           MASK.flatten()[t].bool())),
-                pre=True, inside_experts=True)
+    return expert_tap(adapter.experts[layer].fused, lambda v, e, t: seen.append((v.detach().clone(), e.clone(),
+                                                                                MASK.flatten()[t].bool())))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -261,8 +261,7 @@ def test_steering_changes_a_neuron_only_where_its_expert_runs_and_only_at_the_ch
         every_row = Circuit("tiny", "cna", [Neuron(2, j, 1.0, 0.0, 0.0, expert=e) for e in range(8)
                                             for j in range(32)], 3, adapter.neurons_per_layer)
         passes: list = []
-        zeroed = Hook(adapter.experts[2].fused, lambda v, _e, _t, seen=passes: seen.append(bool((v == 0).all())),
-                      pre=True, inside_experts=True)
+        zeroed = expert_tap(adapter.experts[2].fused, lambda v, _e, _t, seen=passes: seen.append(bool((v == 0).all())))
         with NeuronScale(adapter, every_row, positions=positions).steer(1.0), attached([zeroed]):
             generate(model, [[5, 9, 12]], pad_token_id=0, eos_token_id=[10_000], max_new_tokens=3, batch_size=1,
                      progress=False)
