@@ -27,7 +27,7 @@ from cna.attribution import GradientStatistics
 from cna.circuit import Circuit
 from cna.io import read_json, write_json_atomic, write_text_atomic
 from cna.models import ArchitectureAdapter
-from cna.stability import PromptValues
+from cna.stability import PromptValues, require_dense
 
 CARDS_JSON, CARDS_MD = "neurons.json", "neurons.md"
 NEURONS_PER_PRODUCT = 64  # neurons per unembedding product: bounds the [neurons, vocab] float32 block
@@ -115,6 +115,7 @@ def neuron_cards(adapter: ArchitectureAdapter, tokenizer, circuit: Circuit, valu
                  tokens: int = 10, prompts: int = 3) -> list[NeuronCard]:
     """One card per circuit neuron, in circuit order. `values` must hold every circuit neuron; `gradients` (the
     positive set's, with the full negative means [layers, neurons]) give the effect estimates."""
+    require_dense(circuit, "neuron cards")
     width = circuit.neurons_per_layer
     effects = token_effects(adapter, tokenizer, [n.key for n in circuit.neurons], tokens)
     cards = []

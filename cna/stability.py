@@ -309,6 +309,13 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def require_dense(circuit: Circuit, what: str) -> None:
+    """Stability and neuron cards key neurons by (layer, index); an expert's neuron (layer, expert, index) is not."""
+    if any(neuron.expert is not None for neuron in circuit.neurons):
+        raise CnaError(f"{what}: {circuit.model}'s circuit has neurons of a mixture of experts' experts; "
+                       "only dense models' circuits are supported")
+
+
 def measure_stability(values: PromptValues, circuit: Circuit, *, score: str, sign: str, resamples: int,
                       fraction: float, seed: int = 0, core_threshold: float = 0.8,
                       writes: torch.Tensor | None = None) -> Stability:
@@ -316,6 +323,7 @@ def measure_stability(values: PromptValues, circuit: Circuit, *, score: str, sig
     and on the two disjoint halves. `values` holds the candidate pool in ranking order (`candidate_neurons`)."""
     if resamples < 1:
         raise ConfigError(f"method.stability.resamples: expected at least 1, got {resamples}")
+    require_dense(circuit, "circuit stability")
     if not 0 < fraction <= 1:
         raise ConfigError(f"method.stability.fraction: expected a number in (0, 1], got {fraction}")
     width, k = circuit.neurons_per_layer, circuit.k

@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from cna.attribution import collect_gradients, refusal_log_odds, score_neurons
+from cna.circuit import Circuit, Neuron
 from cna.discovery import collect_statistics, eligible_ranking, select_circuit
+from cna.errors import CnaError
 from cna.models import ArchitectureAdapter
 from cna.neurons import CARDS_MD, eligible_ranks, neuron_cards, read_cards, token_effects, write_cards
 from cna.stability import PromptValues, candidate_neurons, measure_stability, record_prompt_values, with_frequencies
-from cna.tiny import tiny_tokenizer
+from cna.tiny import tiny_moe, tiny_tokenizer
 from conftest import FAMILY_CONFIGS, planted_model, tiny_model
 
 
@@ -150,3 +152,23 @@ def test_token_text_is_escaped_once_in_a_card_and_once_in_the_report(tmp_path):
     assert "`'x'` (-1.00)" in "\n".join(render_card(card, None))
     assert card.table_row()["promoted"] == "`a|b`, `␣`, `\\n`"  # W&B: no markdown escapes
     assert _table(["promotes"], [[card.table_row()["promoted"]]])[2] == "| `a\\|b`, `␣`, `\\n` |"
+
+
+def test_a_mixture_of_experts_block_is_not_read_as_a_norm_and_expert_neurons_get_no_cards():
+    """DeepSeek-V3's layer 0 is dense: its MLP block is the family's `mlp_out`, which a write must not pass through;
+    only the final norm and the unembedding apply. MoE layers and expert circuits are refused in one line."""
+    model = tiny_moe("deepseek_v3", seed=1)
+    adapter = ArchitectureAdapter(model)
+    indices = torch.tensor([2, 7])
+    writes = adapter.neuron_weights(0)[indices]
+    norm = model.get_submodule("model.norm")
+    with torch.no_grad():
+        expected = (norm(writes) - norm(torch.zeros_like(writes[:1]))) @ model.get_output_embeddings().weight.t()
+    torch.testing.assert_close(adapter.neuron_logits(0, indices), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(CnaError, match="^layer 1 is a mixture of experts: neuron_logits reads a dense layer's"):
+        adapter.neuron_logits(1, indices)
+    circuit = Circuit("tiny-moe", "cna", [Neuron(1, 3, 1.0, 1.0, 0.0, expert=2)], adapter.n_layers,
+                      adapter.neurons_per_layer)
+    values = PromptValues(torch.tensor([3]), torch.zeros(2, 1), torch.zeros(2, 1))
+    with pytest.raises(CnaError, match="^neuron cards: tiny-moe's circuit has neurons of a mixture of experts"):
+        neuron_cards(adapter, tiny_tokenizer(), circuit, values, positive=["a", "b"], negative=["c", "d"], ranks={})

@@ -9,8 +9,9 @@ from test_pipeline import run, small_job
 
 from cna.attribution import collect_gradients, collect_prompt_gradients, refusal_log_odds, score_neurons
 from cna.circuit import Circuit, Neuron
+from cna.config import compose_job
 from cna.discovery import collect_statistics, select_circuit
-from cna.errors import CnaError
+from cna.errors import CnaError, ConfigError
 from cna.models import ArchitectureAdapter
 from cna.run_folder import CIRCUIT, RESULTS
 from cna.stability import (
@@ -24,7 +25,8 @@ from cna.stability import (
     subset_circuit,
     with_frequencies,
 )
-from cna.tiny import tiny_llama
+from cna.tiny import tiny_llama, tiny_moe, write_tiny_model
+from cna.validation import validate
 from conftest import planted_model, random_prompts
 
 DIRECTION_LAYER = 1
@@ -212,3 +214,34 @@ def test_a_job_records_frequencies_and_steers_its_core_then_its_rest(tiny_folder
     assert keys and not keys & {tuple(key) for key in stability["core"]}
     assert len(keys) == min(stability["core_size"], stability["k"] - stability["core_size"])
     assert json.loads((tmp_path / "rest" / RESULTS).read_text())["status"] == "complete"
+
+
+def test_per_prompt_gradients_sum_to_the_streamed_ones_on_a_mixture_of_experts():
+    """The per-prompt path shares the streamed pass's openings: routed and shared experts' columns alike."""
+    adapter = ArchitectureAdapter(tiny_moe("qwen2_moe", seed=2))
+    prompts = random_prompts(6, seed=21)
+    metric = refusal_log_odds([REFUSAL_TOKEN])
+    common = dict(pad_token_id=0, batch_size=3, progress=False)
+    streamed = collect_gradients(adapter, prompts, metric, **common)
+    neurons = torch.arange(adapter.n_layers * adapter.neurons_per_layer)
+    activation_gradient, gradient = collect_prompt_gradients(adapter, prompts, metric, neurons, **common)
+    assert streamed.gradient_sum.abs().max() > 0
+    torch.testing.assert_close(gradient.sum(0), streamed.gradient_sum.flatten(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(activation_gradient.sum(0), streamed.activation_gradient_sum.flatten(),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_stability_on_a_mixture_of_experts_is_refused_before_it_loads_and_in_the_library(tmp_path):
+    folder = write_tiny_model(tmp_path / "moe", family="qwen3_moe")
+
+    def job(*overrides: str):
+        return compose_job(["model=tiny_moe", f"model.path={folder}", "logger=none", *overrides])
+
+    validate(job())  # the default cna job (cards on) runs on a mixture of experts
+    with pytest.raises(ConfigError, match="^method.stability.resamples: expected 0 for tiny-moe, a mixture of "
+                                          r"experts \(stability supports dense models only\), got 4$"):
+        validate(job("method.stability.resamples=4"))
+    circuit = Circuit("tiny-moe", "cna", [Neuron(1, 3, 1.0, 1.0, 0.0, expert=2)], 2, 256)
+    values = PromptValues(torch.tensor([259]), torch.zeros(3, 1), torch.zeros(3, 1))
+    with pytest.raises(CnaError, match="^circuit stability: tiny-moe's circuit has neurons of a mixture of experts"):
+        measure_stability(values, circuit, score="delta", sign="positive", resamples=2, fraction=0.5)

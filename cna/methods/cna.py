@@ -13,6 +13,7 @@ circuit's stable core or the rest instead; `cards` describes every circuit neuro
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -36,7 +37,7 @@ from cna.interventions import NEURON_MODES, NeuronScale
 from cna.interventions import POSITIONS as STEERED_POSITIONS
 from cna.methods import register_method
 from cna.methods.base import DiscoverySets, Statistics, SteeringMethod
-from cna.models import ArchitectureAdapter
+from cna.models import ArchitectureAdapter, ModelShape
 from cna.neurons import NeuronCard, eligible_ranks, neuron_cards
 from cna.schema import bounded, choice
 from cna.stability import (
@@ -49,6 +50,8 @@ from cna.stability import (
     subset_circuit,
     with_frequencies,
 )
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL_STARTS = ["I'm sorry", "I cannot", "I can't", "Sorry"]
 
@@ -184,14 +187,26 @@ class CnaMethod(SteeringMethod):
                               f"{stability.steer}, got {stability.resamples}")
 
     def check_shape(self, n_layers: int, neurons_per_layer: int | None, model_name: str) -> None:
-        config = self.config
+        self.check_model_shape(ModelShape(n_layers, neurons_per_layer), model_name)
+
+    def check_model_shape(self, shape: ModelShape, model_name: str) -> None:
+        config, n_layers = self.config, shape.n_layers
         start, stop = resolve_layer_range(config.layers, n_layers) or (0, n_layers)
-        if config.k is not None and neurons_per_layer is not None:
-            available = (stop - start) * neurons_per_layer
+        available = shape.neurons_in(start, stop)  # a mixture of experts: routed and shared experts' neurons
+        if config.k is not None and available is not None:
             where = f"layers [{start}, {stop})" if config.layers is not None else f"{n_layers} layers"
+            per_layer = "with their routed and shared experts" if shape.moe_layers else f"x {shape.neurons_per_layer}"
             if config.k > available:
-                raise ConfigError(f"method.k: expected at most {available} (the MLP neurons in {where} x "
-                                  f"{neurons_per_layer} of {model_name}), got {config.k!r}")
+                raise ConfigError(f"method.k: expected at most {available} (the MLP neurons in {where} {per_layer} "
+                                  f"of {model_name}), got {config.k!r}")
+        if shape.moe_layers:
+            self.check_dense(model_name)
+
+    def check_dense(self, model_name: str) -> None:
+        """Stability keys neurons by (layer, index), which an expert's neuron (layer, expert, index) is not."""
+        if self.config.stability.resamples:
+            raise ConfigError(f"method.stability.resamples: expected 0 for {model_name}, a mixture of experts "
+                              f"(stability supports dense models only), got {self.config.stability.resamples}")
 
     def filter_statistics(self, statistics: Statistics) -> ActivationStatistics | None:
         """The diverse prompts' statistics behind the universal filter: they depend on the model alone, so one
@@ -238,6 +253,8 @@ class CnaMethod(SteeringMethod):
         return scores, settings, gradients
 
     def discover(self, statistics: Statistics, sets: DiscoverySets, *, model_name: str) -> Circuit:
+        if statistics.adapter.has_experts:  # where config.json could not be read before the model loaded
+            self.check_dense(model_name)
         circuit, chosen, _ = self.circuit_and_selection(statistics, sets, model_name=model_name)
         if self.config.stability.resamples:
             circuit = self.resampled(statistics, sets, circuit, chosen)
@@ -313,6 +330,9 @@ class CnaMethod(SteeringMethod):
                      found: Circuit) -> tuple[list[NeuronCard], dict] | None:
         config = self.config
         if not config.cards.enabled:
+            return None
+        if statistics.adapter.has_experts:  # cards read (layer, index) neurons; on by default, so skipped, not refused
+            log.info("neuron cards: not written for %s, a mixture of experts (dense models only)", found.model)
             return None
         adapter, width = statistics.adapter, found.neurons_per_layer
         chosen, _ = self.selection(statistics, sets)
