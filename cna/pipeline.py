@@ -35,6 +35,7 @@ from cna.interventions import Intervention
 from cna.io import write_json_atomic
 from cna.methods.base import DiscoverySets, Found, Statistics, SteeringMethod
 from cna.models import LoadedModel, activation_identity, load_model
+from cna.neurons import write_cards
 from cna.prefix import PrefixStore, prefix_reuse
 from cna.report import run_plots
 from cna.run_folder import (
@@ -287,9 +288,13 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
     with _timed(timings, "load_model"):
         lm = load_model(job.model.spec())
     cache = StatisticsCache(job.cache.dir)
+    statistics = job_statistics(job, lm, cache)
     with _timed(timings, "discovery"):
-        intervention, found = discover(method, job_statistics(job, lm, cache), data.sets, model_name=job.model.name,
-                                       run_dir=run_dir)
+        intervention, found = discover(method, statistics, data.sets, model_name=job.model.name, run_dir=run_dir)
+    with _timed(timings, "neuron_cards"):
+        page = method.neuron_cards(statistics, data.sets, found)  # None: the method writes none
+    if page is not None:
+        write_cards(run_dir, *page)
     done = list(previous.points) if previous else []
     finished_records = keep_finished_generations(run_dir, {point.alpha for point in done})
     results = JobResults(job.model.name, job.method.name, points=done, timings_s=timings, extra={
@@ -299,6 +304,7 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
                            config=job.settings)
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
+        tracker.log_neurons([card.table_row() for card in page[0]] if page is not None else [])
         for point in done:
             tracker.log_point(point)
         tracker.log_generations(finished_records)

@@ -310,3 +310,28 @@ def test_a_failed_job_shows_its_reason_and_kl_axes_name_the_recorded_direction(t
     assert kl_name(runs) == "KL(unsteered || steered)"
     runs[0].results.extra["kl_direction"] = "steered||unsteered"
     assert kl_name(runs).startswith("KL (directions differ")
+
+
+def test_summary_gives_the_stability_table_and_each_runs_top_neurons(tmp_path):
+    from cna.neurons import NeuronCard, write_cards
+
+    root = tmp_path / "multirun"
+    run_dir = make_run(root, QWEN, "cna", ["recipe=paper", "method.stability.steer=core"], QWEN_KEYS)
+    circuit = Circuit.load(run_dir / "circuit.json")
+    circuit.stability = {"resamples": 100, "fraction": 0.5, "jaccard_mean": 0.6125, "jaccard_sd": 0.05,
+                         "jaccard_min": 0.5, "jaccard_max": 0.75, "halves_jaccard": 0.55, "core_size": 4, "k": 6,
+                         "core_threshold": 0.8, "deepest_rank": 31, "candidates": 2000}
+    circuit.settings["stability_subset"] = "core"
+    circuit.save(run_dir / "circuit.json")
+    cards = [NeuronCard(layer, index, rank + 1, 1.0 - rank / 10, 0.5, 0.6, 0.1, 0.9, [(" sorry", 2.5), ("I", 1.0)],
+                        [(" Sure", -3.0)]) for rank, (layer, index) in enumerate(reversed(QWEN_KEYS))]
+    write_cards(run_dir, cards[::-1], {"model": QWEN})
+    make_run(root, QWEN, "caa", ["method=caa"])
+    summary = write_report(root)["summary"].read_text()
+    assert ("| Qwen2.5-Coder-0.5B-Instruct/cna | 100 x 50% | 0.613 ± 0.050 [0.500, 0.750] | 0.550 | 4 / 6 (>= 80%) "
+            "| 31 / 2000 | core (6) |") in summary
+    top = summary[summary.index("## Top neurons"):]
+    assert f"[all 6 cards]({run_dir.name}/neurons.md)" in top
+    # Five rows, best rank first, with the promoted tokens as written.
+    rows = [line for line in top.splitlines() if line.startswith("| L")]
+    assert len(rows) == 5 and rows[0].startswith("| L3/N3 | 1 | 1 | 0.900 | ` sorry`, `I` |")

@@ -18,7 +18,7 @@ from typing import Any
 from cna.errors import ConfigError
 from cna.evaluation.metric import metric_types
 from cna.methods import method_types
-from cna.tracking import FULL_STRENGTH_TABLE, OfflineRun
+from cna.tracking import FULL_STRENGTH_TABLE, NEURON_TABLE, OfflineRun
 
 SOURCES = ("history", "summary", "config")
 
@@ -162,6 +162,10 @@ def dashboard_spec() -> DashboardSpec:
             Section("Circuit", (
                 Panel("images", "Neurons per layer", (history("plots/layer_histogram"),),
                       "The layer histogram of each neuron circuit (cna and random runs)."),
+                Panel("table", "Neuron cards", (summary(NEURON_TABLE),),
+                      "One row per circuit neuron (neurons.md in the run folder): rank, score, delta, selection "
+                      "frequency, the tokens its output weight promotes and suppresses, its most and least "
+                      "activating discovery prompts, its estimated effect on the behaviour metric."),
             )),
         ),
         optional=optional,

@@ -125,6 +125,10 @@ class SteeringMethod(ABC):
     def intervention(self, adapter: ArchitectureAdapter, found: Found) -> Intervention:
         """The intervention that steers with what `discover` found."""
 
+    def neuron_cards(self, statistics: Statistics, sets: DiscoverySets, found: Found) -> tuple[list, dict] | None:
+        """One card per circuit neuron and the page's header (cna.neurons.write_cards); None: the method has none."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         """Settings W&B and the report show beside the method's name."""
         return {}
