@@ -1,6 +1,7 @@
 """A tiny random Llama and word-level tokenizer: seconds to build, no downloads.
 
-    python -m cna.tiny DIR     # writes an ordinary Hugging Face folder (model.path=DIR or CNA_TINY_MODEL=DIR)
+    python -m cna.tiny DIR              # writes an ordinary Hugging Face folder (model.path=DIR or CNA_TINY_MODEL=DIR)
+    python -m cna.tiny DIR --thinking   # the thinking variant: its chat template opens a <think> block
 """
 
 from __future__ import annotations
@@ -15,6 +16,11 @@ HIDDEN = 64
 INTERMEDIATE = 128
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ANSWER_WORDS = ["yes", "no", "A", "B", "C", "D"]  # what the LLM judge and MMLU read
+THINK_TOKENS = ["<think>", "</think>"]  # the thinking variant's reasoning markers, ids VOCAB and VOCAB + 1
+# The thinking variant's template, as the DeepSeek-R1 distills': the generation prompt opens a reasoning block,
+# and enable_thinking=false (Qwen3's switch) renders it empty and closed, so the model answers at once.
+THINKING_TEMPLATE = ("<bos>{% for m in messages %} {{ m['content'] }}{% endfor %} w4 <think>"
+                     "{% if enable_thinking is defined and not enable_thinking %} </think>{% endif %}")
 
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
@@ -29,10 +35,11 @@ def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(thinking: bool = False):
     """A word-level tokenizer over the tiny vocabulary ("w4 w17 ... yes no A B C D"), with a chat template.
 
-    Unknown words map to <unk>, so any English prompt encodes.
+    Unknown words map to <unk>, so any English prompt encodes. `thinking` adds the reasoning markers <think> and
+    </think> (as Qwen3 has them: added tokens, not special ones) and THINKING_TEMPLATE.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -45,17 +52,24 @@ def tiny_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
                                         eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = "<bos>{% for m in messages %} {{ m['content'] }}{% endfor %} w4"
+    if thinking:
+        tokenizer.add_tokens(THINK_TOKENS)
+        tokenizer.chat_template = THINKING_TEMPLATE
     return tokenizer
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0) -> Path:
+def write_tiny_model(folder: str | Path, seed: int = 0, thinking: bool = False) -> Path:
+    """The tiny model and tokenizer as a Hugging Face folder; `thinking`: the variant with reasoning markers."""
     folder = Path(folder)
-    tiny_llama(seed).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    tiny_llama(seed, **({"vocab_size": VOCAB + len(THINK_TOKENS)} if thinking else {})).save_pretrained(folder)
+    tiny_tokenizer(thinking).save_pretrained(folder)
     return folder
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m cna.tiny DIR")
-    print(write_tiny_model(sys.argv[1]))
+    arguments = sys.argv[1:]
+    thinking = "--thinking" in arguments
+    folders = [a for a in arguments if a != "--thinking"]
+    if len(folders) != 1:
+        sys.exit("usage: python -m cna.tiny DIR [--thinking]")
+    print(write_tiny_model(folders[0], thinking=thinking))

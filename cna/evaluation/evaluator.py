@@ -49,8 +49,8 @@ class Session:
 
     def generations(self, prompts: Sequence[str], desc: str) -> list[Generation]:
         """Greedy responses with their token ids, a thinking model's reasoning split from its answer."""
-        settings = dict(pad_token_id=self.tokenizer.pad_token_id, eos_token_id=eos_token_ids(self.model, self.tokenizer),
-                        batch_size=self.batch_size, refill=self.refill, progress=self.progress, desc=desc)
+        settings = dict(pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, refill=self.refill,
+                        eos_token_id=eos_token_ids(self.model, self.tokenizer), progress=self.progress, desc=desc)
         if self.reasoning is not None:
             return generate_with_reasoning(self.model, self.tokenizer, self.encode(prompts), self.reasoning,
                                            reasoning_tokens=self.reasoning_tokens,
