@@ -149,10 +149,10 @@ def test_a_thinking_model_job_keeps_reasoning_in_generations_and_keys_its_caches
     assert all({"answer", "reasoning", "reasoning_tokens", "closed_by_budget"} <= set(line) for line in lines)
     assert first["points"][0]["refusal_rate"] is not None
     # A system prompt changes the prompt tokens: statistics and the unsteered point are computed afresh.
-    second = run(small_job(thinking_folder, cache, *base, "+model.system_prompt=w30"), tmp_path / "b")
+    second = run(small_job(thinking_folder, cache, *base, "model.system_prompt=w30"), tmp_path / "b")
     assert second["cache"]["misses"] == first["cache"]["misses"] and second["cache"]["hits"] == 0
     assert "reused" not in second["points"][0]
-    again = run(small_job(thinking_folder, cache, *base, "+model.system_prompt=w30"), tmp_path / "c")
+    again = run(small_job(thinking_folder, cache, *base, "model.system_prompt=w30"), tmp_path / "c")
     assert again["cache"]["misses"] == 0 and again["points"][0]["reused"]
 
 

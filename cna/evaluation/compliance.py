@@ -165,7 +165,7 @@ class Compliance(Metric):
                     "topic, the opposite)."),
     )
 
-    def __init__(self, set_name: str, use_judge: bool = True):
+    def __init__(self, set_name: str = "jbb_harmful", use_judge: bool = True):
         self.set_name, self.use_judge = set_name, use_judge
 
     @classmethod
