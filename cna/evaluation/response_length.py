@@ -3,9 +3,10 @@
 Does a refusal rate measured on 48-token answers hold on longer ones? A model may comply for a sentence and
 then decline ("... I am sorry, but I cannot assist"), or open with a preamble and refuse after it. This metric
 answers it without generating once per budget: greedy decoding makes the first b tokens of a longer generation
-the b-token generation itself (the experiment checks this on a sample, RESULTS.md), so each response generated
-at the job's `max_new_tokens` is cut to every smaller budget and classified again, by the keyword classifier
-with each character window and by the three-way verdict (cna.evaluation.compliance, offline heuristic).
+the b-token generation itself (tests/test_response_length.py checks it token for token on a tiny model), so
+each response generated at the job's `max_new_tokens` is cut to every smaller budget and classified again, by
+the keyword classifier with each character window and by the three-way verdict (cna.evaluation.compliance,
+offline heuristic).
 
 Each line of the set gains `answer_tokens` (the answer's length), `answer_at` (the answer cut to each budget it
 exceeds; a budget it does not reach is the answer itself) and `first_refusal` (the earliest refusal phrase
