@@ -1,7 +1,9 @@
 """Forward hooks that exist only inside a `with` block.
 
 Every hook cna adds goes through `attached`, which removes it in `finally`, so
-an exception inside the block (or a Ctrl-C) never leaves a model modified.
+an exception inside the block (or a Ctrl-C) never leaves a model modified. A hook
+`inside_experts` is a tap of a fused mixture-of-experts module (`cna.experts`): it sees
+each block of expert rows between the gate and down_proj, and goes the same way.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Hook:
-    """A function to register on `module`: before its forward (`pre`) or after it."""
+    """A function to register on `module`: before its forward (`pre`) or after it; or, `inside_experts`, a tap
+    fn(values, experts, tokens) -> values or None inside a fused experts module (`cna.experts.attach_tap`)."""
 
     module: nn.Module
     fn: Callable
     pre: bool
     with_kwargs: bool = False
+    inside_experts: bool = False
 
 
 @contextmanager
@@ -31,6 +35,11 @@ def attached(hooks: Iterable[Hook]) -> Iterator[None]:
     handles = []
     try:
         for hook in hooks:
+            if hook.inside_experts:
+                from cna.experts import attach_tap
+
+                handles.append(attach_tap(hook.module, hook.fn))
+                continue
             register = hook.module.register_forward_pre_hook if hook.pre else hook.module.register_forward_hook
             handles.append(register(hook.fn, with_kwargs=hook.with_kwargs))
         yield
@@ -77,8 +86,10 @@ def map_output(module: nn.Module, transform: TensorMap) -> Hook:
 
 
 def hook_count(model: nn.Module) -> int:
-    """How many forward hooks of any kind are registered anywhere in `model` (for leak checks)."""
+    """How many forward hooks of any kind (and expert taps) are registered anywhere in `model` (for leak checks)."""
+    from cna.experts import tap_count
+
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks)  # torch has no public count of hooks
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + tap_count(m)  # torch has no public count of hooks
         for m in model.modules()
     )
