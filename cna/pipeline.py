@@ -37,6 +37,7 @@ from cna.methods.base import DiscoverySets, Found, Statistics, SteeringMethod
 from cna.models import LoadedModel, activation_identity, load_model
 from cna.neurons import write_cards
 from cna.prefix import PrefixStore, prefix_reuse
+from cna.reasoning import reasoning_format
 from cna.report import run_plots
 from cna.run_folder import (
     CIRCUIT,
@@ -53,7 +54,7 @@ from cna.validation import validate
 
 log = logging.getLogger(__name__)
 
-BASELINE_FORMAT = 2  # bump when a point's fields change, so cached baselines are recomputed
+BASELINE_FORMAT = 3  # bump when a point's fields change, so cached baselines are recomputed
 INFEASIBLE = 1000.0  # added to a search objective whose point misses search.min_quality
 
 
@@ -118,7 +119,8 @@ def job_statistics(job: JobConfig, lm: LoadedModel, cache: StatisticsCache) -> S
     """The loaded model's discovery statistics, batched as the job says and cached under cache_dir."""
     return Statistics(lm.model, lm.tokenizer, template=job.model.template, cache=cache, batch_size=job.batch_size,
                       max_batch_tokens=job.discovery_batch_tokens, adapter=lm.adapter,
-                      identity=activation_identity(lm))
+                      identity=activation_identity(lm), system_prompt=job.model.system_prompt,
+                      template_kwargs=job.model.chat_template_kwargs)
 
 
 def discover(method: SteeringMethod, statistics: Statistics, sets: DiscoverySets, *, model_name: str,
@@ -159,10 +161,19 @@ def baseline_key(job: JobConfig, lm: LoadedModel, metrics: list[Metric]) -> str:
         "metrics": {metric.name: metric.identity() for metric in metrics},
         "scoring": {"quality_n": job.eval.quality_n, "classifier_window": job.eval.classifier_window},
         "generation": {"max_new_tokens": job.max_new_tokens, "batch_size": job.batch_size},
+        "prompt_format": prompt_format(job),
         "scoring_batch_tokens": job.scoring_batch_tokens,  # batches change padding, and float sums in the last bit
         "versions": _versions(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def prompt_format(job: JobConfig) -> dict:
+    """How prompts are presented and answers read: part of the baseline key (the statistics key has the tokens)."""
+    model = job.model
+    return {"template": model.template, "system_prompt": model.system_prompt,
+            "chat_template_kwargs": model.chat_template_kwargs, "reasoning": model.reasoning,
+            "reasoning_tokens": model.reasoning_tokens}
 
 
 def search_objectives(results: JobResults, job: JobConfig) -> list[float]:
@@ -189,7 +200,10 @@ def failed_objectives(count: int) -> list[float]:
 
 def session_for(job: JobConfig, lm: LoadedModel, reuse=None, cached=None) -> Session:
     """The measuring session of a job: its generation and scoring settings on the loaded model."""
-    return Session(lm.model, lm.tokenizer, template=job.model.template, max_new_tokens=job.max_new_tokens,
+    return Session(lm.model, lm.tokenizer, template=job.model.template, system_prompt=job.model.system_prompt,
+                   template_kwargs=job.model.chat_template_kwargs,
+                   reasoning=reasoning_format(lm.tokenizer, job.model.reasoning),
+                   reasoning_tokens=job.model.reasoning_tokens, max_new_tokens=job.max_new_tokens,
                    batch_size=job.batch_size, refill=job.refill_generation,
                    scoring_batch_tokens=job.scoring_batch_tokens,
                    is_refusal=KeywordRefusalClassifier(window=job.eval.classifier_window),

@@ -9,6 +9,7 @@ from hydra.types import RunMode
 
 from cna.config import JobConfig, compose_job
 from cna.errors import ConfigError
+from cna.methods import make_method
 from cna.pipeline import prepare_data
 from cna.validation import validate
 from conftest import data_dir
@@ -186,7 +187,10 @@ def test_every_experiment_composes_for_each_sweep_point(experiment, model_stub):
 def test_every_recipe_composes_and_validates(recipe, model_stub):
     cfg = composed(f"recipe={recipe}")
     validate_with(cfg, model_stub)
-    assert cfg.method.k_fraction > 0 and cfg.method.sign in ("abs", "positive")
+    if make_method(cfg.method).neuron_level:  # recipe=caa / direction name residual-stream methods
+        assert cfg.method.k_fraction > 0 and cfg.method.sign in ("abs", "positive")
+    else:
+        assert cfg.method.name == recipe and cfg.method.layer is None  # at its defaults: half depth
 
 
 def test_the_multiplier_sweep_asks_the_packaged_probes():

@@ -294,6 +294,31 @@ def test_the_summary_says_which_runs_reduced_refusal_with_intervals(tmp_path):
     assert sentence in summary and "**In-sample:** 1 run(s)" in summary and "yes (jbb_harmful: 100)" in summary
 
 
+def test_the_first_sentence_leads_with_harmful_compliance_and_refusal_together(tmp_path):
+    from cna.evaluation.intervals import wilson_interval
+    from cna.report import effect_sentence, refusal_changes
+
+    def point(alpha: float, refused: int, harmful: int) -> dict:
+        return {"alpha": alpha, "refusal_rate": refused / 100, "refusal_ci95": list(wilson_interval(refused, 100)),
+                "harmful_compliance_rate": harmful / 100,
+                "harmful_compliance_ci95": list(wilson_interval(harmful, 100)), "n_prompts": 100}
+
+    for name, steered in (("cna", point(1.0, 26, 12)), ("caa", point(1.0, 35, 3))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "model": "m", "method": name, "status": "complete", "points": [point(0.0, 53, 2), steered]}))
+    runs, _ = find_runs(tmp_path)
+    changes = {c.run.method: c for c in refusal_changes(runs)}
+    assert changes["cna"].harmful.change == pytest.approx(0.10) and changes["cna"].harmful.direction() == "rose"
+    assert changes["caa"].harmful.direction() == "no significant change"
+    sentence = effect_sentence([changes["cna"], changes["caa"]])
+    assert sentence.startswith("Harmful compliance and refusal, unsteered -> strongest point: m/cna: harmful "
+                               "compliance 0.02 [0.01, 0.07] -> 0.12 [")
+    assert "rose); refusal 0.53 [0.43, 0.62] -> 0.26 [" in sentence and "(reduced); m/caa: harmful" in sentence
+    # the report orders runs by folder; the paragraph after its title and run count is that sentence over all runs
+    assert effect_sentence(refusal_changes(runs)) in write_report(tmp_path)["summary"].read_text().split("\n\n")[2]
+
+
 def test_a_failed_job_shows_its_reason_and_kl_axes_name_the_recorded_direction(tmp_path):
     from cna.report.figures import kl_name
 

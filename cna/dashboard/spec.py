@@ -114,12 +114,20 @@ class DashboardSpec:
 _STRONGEST = "each run's last strength point (its summary; alpha = 1 in the default sweep)"
 
 
+# The first panel: what a response to a harmful request did, refused or complied with substance, side by side.
+LEAD = Panel("line", "Harmful compliance and refusal",
+             (history("harmful_compliance_rate"), history("refusal_rate"), history("empty_compliance_rate")),
+             "Per strength: the share of harmful requests answered with substance (harmful compliance), refused "
+             "(keyword classifier) and answered without substance (empty compliance); they add up to 1.")
+
+
 def _metric_panels() -> tuple[tuple[Panel, ...], dict[Key, str]]:
-    """One line panel per registered metric with fields (its fields and their extra history keys), and the keys
-    of metrics a default job does not run, with when they are logged."""
-    panels, optional = [], {}
+    """The lead panel, then one line panel per registered metric with fields (its fields and their extra history
+    keys) that the lead panel does not already show, and the keys of metrics a default job does not run, with
+    when they are logged."""
+    panels, optional = [LEAD], {}
     for metric in metric_types().values():
-        if not metric.fields:
+        if not metric.fields or all(history(f.name) in LEAD.keys for f in metric.fields):
             continue
         keys = tuple(history(f.name) for f in metric.fields) + tuple(history(k) for k in metric.history_keys)
         about = " ".join(f.about for f in metric.fields if f.about)
@@ -141,6 +149,9 @@ def dashboard_spec() -> DashboardSpec:
         sections=(
             Section("Against alpha, by method and model", panels),
             Section("Across runs", (
+                Panel("scatter", "Harmful compliance vs refusal, coloured by method",
+                      (summary("refusal_rate"), summary("harmful_compliance_rate")),
+                      f"One point per run at {_STRONGEST}: how much of what refusal lost became substance."),
                 Panel("scatter", "Refusal vs KL, coloured by method",
                       (summary("kl_divergence"), summary("refusal_rate")),
                       f"One point per run at {_STRONGEST}: lower-left is the better trade-off."),
@@ -157,7 +168,8 @@ def dashboard_spec() -> DashboardSpec:
             )),
             Section("Generations at alpha = 1", (
                 Panel("table", "Every response at full strength", (summary(FULL_STRENGTH_TABLE),),
-                      "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality) per run."),
+                      "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality, the "
+                      "three-way compliance verdict) per run."),
             )),
             Section("Circuit", (
                 Panel("images", "Neurons per layer", (history("plots/layer_histogram"),),
