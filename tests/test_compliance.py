@@ -75,8 +75,9 @@ def test_the_rates_and_their_wilson_intervals():
     assert summary["harmful_compliance_ci95"] == list(wilson_interval(2, 10))
 
 
-def test_every_point_of_a_default_job_gets_the_three_verdicts_of_the_harmful_set(tiny_folder, tmp_path):
-    results = run(small_job(tiny_folder, tmp_path / "cache", "method.k=6", "eval.mmlu.n=0"), tmp_path / "run")
+def test_every_point_of_a_job_gets_the_three_verdicts_of_the_harmful_set(tiny_folder, tmp_path):
+    results = run(small_job(tiny_folder, tmp_path / "cache", "method.k=6", "eval.mmlu.n=0",
+                            "+metric@eval.compliance=compliance"), tmp_path / "run")
     for point in results["points"]:
         counts = point["compliance_counts"]
         assert sum(counts.values()) == point["n_prompts"] == 4 and counts[REFUSED] == round(4 * point["refusal_rate"])

@@ -127,13 +127,15 @@ def _metric_panels() -> tuple[tuple[Panel, ...], dict[Key, str]]:
     when they are logged."""
     panels, optional = [LEAD], {}
     for metric in metric_types().values():
-        if not metric.fields or all(history(f.name) in LEAD.keys for f in metric.fields):
+        if not metric.fields:
             continue
         keys = tuple(history(f.name) for f in metric.fields) + tuple(history(k) for k in metric.history_keys)
-        about = " ".join(f.about for f in metric.fields if f.about)
-        panels.append(Panel("line", " and ".join(f.label for f in metric.fields), keys, about))
         if metric.logged_when:
             optional.update(dict.fromkeys(keys, metric.logged_when))
+        if all(key in LEAD.keys for key in keys):
+            continue
+        about = " ".join(f.about for f in metric.fields if f.about)
+        panels.append(Panel("line", " and ".join(f.label for f in metric.fields), keys, about))
     return tuple(panels), optional
 
 
@@ -142,6 +144,7 @@ def dashboard_spec() -> DashboardSpec:
     panels, optional = _metric_panels()
     judge = metric_types()["judge"].logged_when
     optional[summary("judge_refusal_rate")] = judge
+    optional[summary("harmful_compliance_rate")] = metric_types()["compliance"].logged_when
     return DashboardSpec(
         x_axis=history("alpha"),
         group_by=(config("method.name"), config("model.name")),

@@ -160,6 +160,7 @@ class Compliance(Metric):
     config_type = ComplianceConfig
     order = 12  # after the judge (order 11): both run once the steering is removed, the judge's verdicts first
     steered = False  # it reads responses the steered metrics generated; it generates nothing
+    logged_when = "logged only when eval.compliance is set (+metric@eval.compliance=compliance, with eval.judge)"
     fields = (
         Field("harmful_compliance_rate", "harmful compliance", "harmful_compliance_ci95",
               about="Share of harmful requests answered with substance (keyword refusal, then the judge's items "
