@@ -13,10 +13,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from cna.data import encode_prompts
 from cna.evaluation.metric import Metric, metric_types
 from cna.evaluation.responses import ResponseEvaluation, evaluate_responses
-from cna.generation import eos_token_ids, generate
 from cna.run_folder import POINT_FIELDS, Point
 
 
@@ -37,15 +38,28 @@ class Session:
     reuse: Any = None  # cna.prefix.LayerPrefixReuse: MMLU and KL run only the layers the intervention changes
     cached: Callable[[str, Callable[[], Any]], Any] = lambda _key, compute: compute()  # unsteered references
     progress: bool = True
+    engine: Any = None  # cna.engines.base.Engine that generates and scores (default: transformers on `model`)
+
+    def __post_init__(self):
+        if self.engine is None:
+            from cna.engines.hf import HfEngine
+
+            self.engine = HfEngine(self.model, self.tokenizer, refill=self.refill)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, prompts, self.template)
 
     def generate(self, prompts: Sequence[str], desc: str) -> list[str]:
-        tokens = generate(self.model, self.encode(prompts), pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=eos_token_ids(self.model, self.tokenizer), max_new_tokens=self.max_new_tokens,
-                          batch_size=self.batch_size, refill=self.refill, progress=self.progress, desc=desc)
+        tokens = self.engine.generate(self.encode(prompts), max_new_tokens=self.max_new_tokens,
+                                      batch_size=self.batch_size, progress=self.progress, desc=desc)
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], desc: str,
+                            token_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """log p(next token | prompt) of tokenised prompts through the engine (MMLU, KL), with prefix reuse."""
+        return self.engine.next_token_logprobs(prompts, token_ids=token_ids, batch_size=self.batch_size,
+                                               max_batch_tokens=self.scoring_batch_tokens, progress=self.progress,
+                                               desc=desc, reuse=self.reuse)
 
 
 class PointContext:
