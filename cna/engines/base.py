@@ -28,8 +28,8 @@ class Engine(ABC):
     name: ClassVar[str]  # the registry key, `engine.name`
     config_type: ClassVar[type]
 
-    @classmethod
-    def check(cls, config, job) -> None:  # noqa: B027 - an engine that runs whatever the job asks has nothing to check
+    @classmethod  # noqa: B027 - an engine that runs whatever the job asks has nothing to check
+    def check(cls, config, job) -> None:
         """Raise ConfigError (one line naming the key) where this engine cannot run the job as configured (a method,
         mode or position it cannot express, a missing package); before any model loads."""
 

@@ -51,7 +51,7 @@ class VllmEngineConfig:
     weight_edits: bool = True  # steer by exact weight edits where the weights are plain tensors (else hooks)
     plain_cpu_weights: bool = False  # CPU: keep plain weights (torch matmul, no oneDNN packing) so edits apply
     gpu_memory_utilization: float = bounded(0.35, 0, 1, low_open=True)  # of GPU memory (of RAM on CPU)
-    kv_cache_gib: int | None = bounded(None, 1, integer=True)  # CPU: the KV cache's size (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: int | None = bounded(None, 1, integer=True)  # the KV cache's size (null: from the utilisation)
     max_model_len: int = bounded(4096, 16, integer=True)  # prompt + response tokens per request
     max_num_seqs: int = bounded(256, 1, integer=True)  # requests decoded together
     block_size: int | None = bounded(None, 1, integer=True)  # KV cache block (null: the backend's)
@@ -251,9 +251,10 @@ class VllmEngine(Engine):
     def __init__(self, config: VllmEngineConfig, source: str, *, dtype: str, stop_token_ids: Sequence[int],
                  seed: int = 0):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process: hooks and weights reachable
-        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))  # vLLM's CPU default is 1 thread
-        if config.kv_cache_gib is not None:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.kv_cache_gib)
+        # The transformers model shares the process: vLLM's CPU backend would pin its threads to cores and cut
+        # them to one; it keeps torch's thread count and the scheduler's placement unless told otherwise.
+        os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
         from vllm import _custom_ops as ops
 
@@ -262,6 +263,8 @@ class VllmEngine(Engine):
         ops._supports_onednn = packing and not config.plain_cpu_weights  # read while the linear layers load
         try:
             extra = {} if config.block_size is None else {"block_size": config.block_size}
+            if config.kv_cache_gib is not None:
+                extra["kv_cache_memory_bytes"] = config.kv_cache_gib * 2**30
             self.llm = LLM(model=source, dtype=dtype, enforce_eager=config.enforce_eager, seed=seed,
                            gpu_memory_utilization=config.gpu_memory_utilization, max_model_len=config.max_model_len,
                            max_num_seqs=config.max_num_seqs, enable_prefix_caching=config.prefix_caching,
