@@ -59,8 +59,12 @@ def main() -> None:
     parser.add_argument("--kl", type=int, default=100)
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cpu", help="cuda on a GPU machine (vLLM's CUDA build)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--cuda-graphs", action="store_true", help="engine.enforce_eager=false (weight-edit methods)")
     args = parser.parse_args()
-    base = ["model=qwen_coder_0_5b", "model.dtype=float32", "model.device=cpu", "logger=none", "engine=vllm",
+    base = ["model=qwen_coder_0_5b", f"model.dtype={args.dtype}", f"model.device={args.device}",
+            f"engine.enforce_eager={str(not args.cuda_graphs).lower()}", "logger=none", "engine=vllm",
             "engine.kv_cache_gib=2", f"eval.refusal.n={args.goals}", "eval.over_refusal.jbb_benign.n=0",
             "eval.over_refusal.xstest_safe.n=0", f"eval.mmlu.n={args.mmlu}", "eval.kl.n=0",
             f"max_new_tokens={args.tokens}", "alphas=[0.0,1.0]"]

@@ -1,5 +1,6 @@
-"""The vLLM engine on smollm2 with vLLM's packed CPU weights, so every point runs as hooks: alpha = 0 is plain vLLM,
-steered points agree with the transformers engine token for token, and hooks are gone after an exception."""
+"""The vLLM engine on smollm2 with every point as hooks (on CPU vLLM packs its weights, so that is all it can do):
+alpha = 0 is plain vLLM, steered points agree with the transformers engine token for token, hooks are gone after
+an exception."""
 
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ TOKENS = 24
 
 @pytest.fixture(scope="module")
 def engines(smollm2_folder):
-    lm, engine = start(smollm2_folder)
-    assert not engine.adapter.editable  # vLLM's CPU backend packs down_proj: steering must run as hooks
+    lm, engine = start(smollm2_folder, weight_edits=False)  # every point as hooks, on CPU and CUDA alike
     yield lm, HfEngine(lm.model, lm.tokenizer), engine, encode_prompts(lm.tokenizer, PROMPTS, "chat")
     engine.close()
 
@@ -42,6 +42,7 @@ def test_alpha_zero_is_plain_vllm_token_for_token(engines):
     plain, plain_logprobs = generate(engine, prompts), logprobs(engine, prompts)
     for name, intervention in interventions(lm.adapter).items():
         steered = engine.intervention(intervention)
+        assert engine.weight_edit(steered, 0.0, None) is None
         assert generate(engine, prompts, engine.steering(steered, 0.0, None)) == plain, name
         assert torch.equal(logprobs(engine, prompts, engine.steering(steered, 0.0, None)), plain_logprobs), name
 
