@@ -364,7 +364,7 @@ class VllmEngine(Engine):
         return torch.stack([by_request[output.request_id] for output in outputs])
 
     def close(self) -> None:
-        from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:

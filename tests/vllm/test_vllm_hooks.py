@@ -13,13 +13,15 @@ from cna.engines.hf import HfEngine
 from cna.hooks import hook_count
 
 pytestmark = pytest.mark.integration
-TOKENS = 24
+TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def engines(smollm2_folder):
     lm, engine = start(smollm2_folder, weight_edits=False)  # every point as hooks, on CPU and CUDA alike
-    yield lm, HfEngine(lm.model, lm.tokenizer), engine, encode_prompts(lm.tokenizer, PROMPTS, "chat")
+    prompts = encode_prompts(lm.tokenizer, PROMPTS, "chat")
+    engine.plain = generate(engine, prompts)  # unsteered vLLM, for every test to compare with
+    yield lm, HfEngine(lm.model, lm.tokenizer), engine, prompts
     engine.close()
 
 
@@ -39,7 +41,7 @@ def logprobs(engine, prompts, steering=None):
 
 def test_alpha_zero_is_plain_vllm_token_for_token(engines):
     lm, _hf, engine, prompts = engines
-    plain, plain_logprobs = generate(engine, prompts), logprobs(engine, prompts)
+    plain, plain_logprobs = engine.plain, logprobs(engine, prompts)
     for name, intervention in interventions(lm.adapter).items():
         steered = engine.intervention(intervention)
         assert engine.weight_edit(steered, 0.0, None) is None
@@ -49,7 +51,7 @@ def test_alpha_zero_is_plain_vllm_token_for_token(engines):
 
 def test_unsteered_engines_agree(engines):
     _lm, hf, engine, prompts = engines
-    assert generate(engine, prompts) == generate(hf, prompts)
+    assert engine.plain == generate(hf, prompts)
     vllm_logprobs, hf_logprobs = logprobs(engine, prompts), logprobs(hf, prompts)
     assert torch.equal(vllm_logprobs.argmax(-1), hf_logprobs.argmax(-1))  # rows come back in prompt order
     assert torch.allclose(vllm_logprobs, hf_logprobs, atol=1e-3)
@@ -64,7 +66,7 @@ def test_steered_points_agree_with_transformers(engines, name):
     steered = engine.intervention(intervention)
     ours = generate(engine, prompts, engine.steering(steered, 1.0, None))
     theirs = generate(hf, prompts, hf.steering(intervention, 1.0, None))
-    assert ours != generate(engine, prompts)  # the steering acts inside vLLM
+    assert ours != engine.plain  # the steering acts inside vLLM
     assert sum(a == b for a, b in zip(ours, theirs, strict=True)) >= len(prompts) - 1, name
     ours_scored = logprobs(engine, prompts, engine.steering(steered, 1.0, None))
     theirs_scored = logprobs(hf, prompts, hf.steering(intervention, 1.0, None))
@@ -79,13 +81,12 @@ def test_position_modes_steer_different_tokens(engines):
                for positions in ("all", "prompt", "generated")}
     assert len({tuple(map(tuple, tokens)) for tokens in outputs.values()}) == 3
     # generated-only steering leaves the prompt pass, hence the first response token, as plain vLLM has it
-    plain = generate(engine, prompts)
-    assert [t[:1] for t in outputs["generated"]] == [t[:1] for t in plain]
+    assert [t[:1] for t in outputs["generated"]] == [t[:1] for t in engine.plain]
 
 
 def test_hooks_are_removed_after_an_exception(engines):
     lm, _hf, engine, prompts = engines
-    plain, before = generate(engine, prompts), hook_count(engine.model)
+    plain, before = engine.plain, hook_count(engine.model)
     for intervention in interventions(lm.adapter).values():
         with pytest.raises(RuntimeError, match="mid-point"), engine.steering(engine.intervention(intervention), 1.0,
                                                                               None):
