@@ -19,12 +19,13 @@ pytestmark = pytest.mark.integration
 
 
 def job(folder, cache, *overrides):
+    circuit_size = [] if any(o.startswith("method=") for o in overrides) else ["method.k=40"]  # cna's key only
     return compose_job([
         "model=smollm2_135m", f"model.path={folder}", "model.dtype=float32", "model.device=cpu",
         f"data_dir={data_dir()}", f"cache_dir={cache}", "logger=none", "engine=vllm", "engine.kv_cache_gib=1",
         "engine.max_model_len=2048", "eval.refusal.n=6", "eval.over_refusal.jbb_benign.n=3",
         "eval.over_refusal.xstest_safe.n=0", "eval.mmlu.n=6", "eval.kl.n=4", "prompts.n_positive=8",
-        "prompts.n_negative=8", "max_new_tokens=8", "method.k=40", "alphas=[0.0,0.5,1.0]", *overrides])
+        "prompts.n_negative=8", "max_new_tokens=8", "alphas=[0.0,0.5,1.0]", *circuit_size, *overrides])
 
 
 def test_a_job_steers_every_point_with_one_engine(smollm2_folder, tmp_path):
