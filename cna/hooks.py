@@ -32,6 +32,7 @@ class Hook:
     pre: bool
     with_kwargs: bool = False
     attach: Callable | None = None
+    transform: TensorMap | None = None  # what map_input / map_output apply: an engine may apply it its own way
 
 
 @contextmanager
@@ -73,7 +74,7 @@ def map_input(module: nn.Module, transform: TensorMap) -> Hook:
             return (transform(args[0]), *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": transform(kwargs["hidden_states"])}
 
-    return Hook(module, hook, pre=True, with_kwargs=True)
+    return Hook(module, hook, pre=True, with_kwargs=True, transform=transform)
 
 
 def map_output(module: nn.Module, transform: TensorMap) -> Hook:
@@ -84,7 +85,7 @@ def map_output(module: nn.Module, transform: TensorMap) -> Hook:
             return (transform(output[0]), *output[1:])
         return transform(output)
 
-    return Hook(module, hook, pre=False)
+    return Hook(module, hook, pre=False, transform=transform)
 
 
 def hook_count(model: nn.Module) -> int:

@@ -31,6 +31,7 @@ the `prompt` only (the prefill pass) or `generated` tokens only (later passes).
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -98,6 +99,21 @@ class Intervention(ABC):
     def multiply(self, multiplier: float):
         """Context manager: the strength as a multiplier m = 1 - alpha (neuron methods also take m > 1)."""
         return self.steer(1.0 - multiplier)
+
+    def hooks_at(self, alpha: float, multiplier: float | None = None) -> list[Hook]:
+        """The hooks `steer(alpha)` (or `multiply(multiplier)`) attaches at every position, for an engine that
+        attaches them itself."""
+        return self.hooks(check_alpha(alpha if multiplier is None else 1.0 - multiplier))
+
+    def on(self, adapter) -> Intervention:
+        """The same intervention on another copy of the model: an engine's (cna.engines), whose adapter names the
+        same layers, neuron sites and residual writers in its own modules."""
+        if (adapter.n_layers, adapter.neurons_per_layer) != (self.adapter.n_layers, self.adapter.neurons_per_layer):
+            raise ConfigError(f"the engine's model has {adapter.n_layers} x {adapter.neurons_per_layer} neurons, "
+                              f"the intervention's {self.adapter.n_layers} x {self.adapter.neurons_per_layer}")
+        moved = copy.copy(self)
+        moved.adapter = adapter
+        return moved
 
     def first_steered_layer(self) -> int | None:
         """The lowest decoder layer whose computation it changes (layers below run as unsteered: prefix reuse);
@@ -188,6 +204,13 @@ class NeuronScale(Intervention):
         if multiplier < 0:
             raise ConfigError(f"multiplier must be >= 0, got {multiplier}")
         return self._attached(self._scale_hooks(float(multiplier)))
+
+    def hooks_at(self, alpha: float, multiplier: float | None = None) -> list[Hook]:
+        if multiplier is None:
+            return self.hooks(check_alpha(alpha))
+        if multiplier < 0:
+            raise ConfigError(f"multiplier must be >= 0, got {multiplier}")
+        return self._scale_hooks(float(multiplier))
 
     def first_steered_layer(self) -> int | None:
         return min(self.circuit.by_layer())
@@ -343,10 +366,10 @@ class DirectionAblation(Intervention):
         norm = vector.norm()
         if norm == 0:
             raise ConfigError("directional ablation of a zero vector: positive and negative means are equal")
-        self._unit = vector / norm
+        self.unit = vector / norm
 
     def hooks(self, alpha: float) -> list[Hook]:
-        unit = _DeviceCache(self._unit)
+        unit = _DeviceCache(self.unit)
 
         @_in_float32
         def ablate(x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +27,8 @@ import transformers
 from cna.cache import BaselineCache, StatisticsCache
 from cna.config import JobConfig
 from cna.data import deduplicate, load_prompts, subsample
+from cna.engines import engine_types
+from cna.engines.base import Engine
 from cna.errors import ConfigError
 from cna.evaluation.evaluator import Evaluator, Session
 from cna.evaluation.keywords import KeywordRefusalClassifier
@@ -141,18 +143,7 @@ def strength_points(job: JobConfig, method: SteeringMethod) -> list[tuple[float,
     return [(float(a), 1.0 - float(a) if method.neuron_level else None) for a in job.sweep.alphas]
 
 
-def steering(intervention: Intervention, alpha: float, multiplier: float | None,
-             bake: bool = False) -> AbstractContextManager:
-    """The model steered at this point: by hooks, or with `bake` by weights that carry the intervention (CNA in
-    scale mode at every position: the circuit's multipliers written into down_proj, restored on leaving)."""
-    strength = 1.0 - alpha if multiplier is None else multiplier
-    baked = intervention.baked(strength) if bake else None
-    if baked is not None:
-        return baked
-    return intervention.steer(alpha) if multiplier is None else intervention.multiply(multiplier)
-
-
-def baseline_key(job: JobConfig, lm: LoadedModel, metrics: list[Metric]) -> str:
+def baseline_key(job: JobConfig, lm: LoadedModel, metrics: list[Metric], engine: Engine | None = None) -> str:
     """Everything the unsteered point (alpha = 0) depends on, and nothing about the recipe: at m = 1 (alpha = 0)
     every intervention leaves the model bit-identical, so one baseline serves every method and circuit."""
     fields = {
@@ -165,6 +156,8 @@ def baseline_key(job: JobConfig, lm: LoadedModel, metrics: list[Metric]) -> str:
         "scoring_batch_tokens": job.scoring_batch_tokens,  # batches change padding, and float sums in the last bit
         "versions": _versions(),
     }
+    if engine is not None and engine.identity():  # the transformers engine's keys stay as they were
+        fields["engine"] = engine.identity()
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -198,8 +191,8 @@ def failed_objectives(count: int) -> list[float]:
     return [3 * INFEASIBLE] * count
 
 
-def session_for(job: JobConfig, lm: LoadedModel, reuse=None, cached=None) -> Session:
-    """The measuring session of a job: its generation and scoring settings on the loaded model."""
+def session_for(job: JobConfig, lm: LoadedModel, reuse=None, cached=None, engine: Engine | None = None) -> Session:
+    """The measuring session of a job: its generation and scoring settings on the loaded model (and engine)."""
     return Session(lm.model, lm.tokenizer, template=job.model.template, system_prompt=job.model.system_prompt,
                    template_kwargs=job.model.chat_template_kwargs,
                    reasoning=reasoning_format(lm.tokenizer, job.model.reasoning),
@@ -208,22 +201,30 @@ def session_for(job: JobConfig, lm: LoadedModel, reuse=None, cached=None) -> Ses
                    scoring_batch_tokens=job.scoring_batch_tokens,
                    is_refusal=KeywordRefusalClassifier(window=job.eval.classifier_window),
                    quality_n=job.eval.quality_n, seed=job.seed, reuse=reuse,
-                   cached=cached or (lambda _key, compute: compute()))
+                   cached=cached or (lambda _key, compute: compute()), engine=engine)
+
+
+def start_engine(job: JobConfig, lm: LoadedModel) -> Engine:
+    """The job's engine (`engine.name`), started once on the loaded model and kept for every point."""
+    return engine_types()[job.engine.name].start(job.engine, lm, job)
 
 
 def sweep(job: JobConfig, lm: LoadedModel, method: SteeringMethod, intervention: Intervention, data: JobData,
-          results: JobResults, run_dir: Path, tracker: Tracker) -> None:
+          results: JobResults, run_dir: Path, tracker: Tracker, engine: Engine | None = None) -> None:
     """Every strength point not measured yet, each saved (results.json, generations.jsonl, tracker) as it ends."""
     done = {point.alpha for point in results.points}
     cache = job.cache
+    engine = engine or start_engine(job, lm)
+    intervention = engine.intervention(intervention)
     baselines = BaselineCache(Path(cache.dir) / "baselines" if cache.dir and cache.reuse_baseline else None)
-    unsteered = baseline_key(job, lm, data.metrics)
+    unsteered = baseline_key(job, lm, data.metrics, engine)
     timings = results.timings_s
     with _timed(timings, "kl_reference"):
         reuse = prefix_reuse(lm.adapter, intervention, memory_mib=cache.prefix_reuse_mib,
-                             disk_mib=cache.prefix_reuse_disk_mib, store=prefix_store(job, lm))
+                             disk_mib=cache.prefix_reuse_disk_mib,
+                             store=prefix_store(job, lm)) if engine.prefix_reuse else None
         evaluator = Evaluator(session_for(job, lm, reuse, lambda key, compute: baselines.tensor(
-            f"{unsteered}.{key}", compute)), data.metrics)
+            f"{unsteered}.{key}", compute), engine), data.metrics)
         evaluator.setup()
     results.extra.update(evaluator.results())
     for alpha, multiplier in strength_points(job, method):
@@ -237,7 +238,7 @@ def sweep(job: JobConfig, lm: LoadedModel, method: SteeringMethod, intervention:
             log.info("alpha 0: the unsteered point is reused from the baseline cache")
         else:
             point, records, point_timings = evaluator.point(
-                alpha, multiplier, steering(intervention, alpha, multiplier, job.bake_steering))
+                alpha, multiplier, engine.steering(intervention, alpha, multiplier))
             if alpha == 0.0:
                 baselines.put(unsteered, point.to_dict(), records)
         for stage, seconds in point_timings.items():
@@ -309,6 +310,8 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
         page = method.neuron_cards(statistics, data.sets, found)  # None: the method writes none
     if page is not None:
         write_cards(run_dir, *page)
+    with _timed(timings, "load_engine"):
+        engine = start_engine(job, lm)
     done = list(previous.points) if previous else []
     finished_records = keep_finished_generations(run_dir, {point.alpha for point in done})
     results = JobResults(job.model.name, job.method.name, points=done, timings_s=timings, extra={
@@ -322,11 +325,13 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
         for point in done:
             tracker.log_point(point)
         tracker.log_generations(finished_records)
-        sweep(job, lm, method, intervention, data, results, run_dir, tracker)
+        sweep(job, lm, method, intervention, data, results, run_dir, tracker, engine)
         results.status = "complete"
         write_json_atomic(run_dir / RESULTS, results.to_dict())
         report(run_dir, results, tracker)
     except BaseException:
         tracker.finish(results, failed=True)
         raise
+    finally:
+        engine.close()
     return results

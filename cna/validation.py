@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from cna.config import JobConfig
+from cna.engines import engine_types
 from cna.errors import ConfigError
 from cna.evaluation.metric import metric_types, search_objectives
 from cna.methods import make_method
@@ -37,7 +38,7 @@ def validate(job: JobConfig) -> SteeringMethod:
     check_settings(job, skip=("model", "prompts", "method", "eval", "logger", "cache", "sweep", "settings"))
     check_settings(job.cache)
     for path, part in (("model", job.model), ("prompts", job.prompts), ("method", job.method),
-                       ("logger", job.logger)):
+                       ("logger", job.logger), ("engine", job.engine)):
         check_settings(part, path)
     check_settings(job.eval, "eval", skip=("metrics",))
     check_settings(job.eval.metrics, "eval")
@@ -48,6 +49,7 @@ def validate(job: JobConfig) -> SteeringMethod:
     known = metric_types()
     for name, config in job.eval.metrics.items():
         known[name].check(config)
+    engine_types()[job.engine.name].check(job.engine, job)  # what the engine cannot express, before any model loads
     _validate_model(job, method)  # last: it may probe the network when the model is not on this machine
     return method
 

@@ -13,10 +13,13 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from cna.data import encode_prompts
+from cna.errors import CnaError
 from cna.evaluation.metric import Metric, metric_types
 from cna.evaluation.responses import ResponseEvaluation, evaluate_responses
-from cna.generation import eos_token_ids, generate
+from cna.generation import eos_token_ids
 from cna.reasoning import Generation, ReasoningFormat, generate_with_reasoning
 from cna.run_folder import POINT_FIELDS, Point
 
@@ -42,6 +45,13 @@ class Session:
     reuse: Any = None  # cna.prefix.LayerPrefixReuse: MMLU and KL run only the layers the intervention changes
     cached: Callable[[str, Callable[[], Any]], Any] = lambda _key, compute: compute()  # unsteered references
     progress: bool = True
+    engine: Any = None  # cna.engines.base.Engine that generates and scores (default: transformers on `model`)
+
+    def __post_init__(self):
+        if self.engine is None:
+            from cna.engines.hf import HfEngine
+
+            self.engine = HfEngine(self.model, self.tokenizer, refill=self.refill)
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, prompts, self.template, system_prompt=self.system_prompt,
@@ -49,14 +59,18 @@ class Session:
 
     def generations(self, prompts: Sequence[str], desc: str) -> list[Generation]:
         """Greedy responses with their token ids, a thinking model's reasoning split from its answer."""
-        settings = dict(pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, refill=self.refill,
-                        eos_token_id=eos_token_ids(self.model, self.tokenizer), progress=self.progress, desc=desc)
         if self.reasoning is not None:
-            return generate_with_reasoning(self.model, self.tokenizer, self.encode(prompts), self.reasoning,
-                                           reasoning_tokens=self.reasoning_tokens,
-                                           max_new_tokens=self.max_new_tokens, **settings)
+            if not self.engine.runs_transformers_model:  # the reasoning budget is cna's own loop on that model
+                raise CnaError(f"model.reasoning: a thinking model generates with engine=hf only, not "
+                               f"{self.engine.name}")
+            return generate_with_reasoning(
+                self.model, self.tokenizer, self.encode(prompts), self.reasoning,
+                reasoning_tokens=self.reasoning_tokens, max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, refill=self.refill,
+                eos_token_id=eos_token_ids(self.model, self.tokenizer), progress=self.progress, desc=desc)
         decoded = []
-        for tokens in generate(self.model, self.encode(prompts), max_new_tokens=self.max_new_tokens, **settings):
+        for tokens in self.engine.generate(self.encode(prompts), max_new_tokens=self.max_new_tokens,
+                                           batch_size=self.batch_size, progress=self.progress, desc=desc):
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             decoded.append(Generation(tokens, text, tokens, text))
         return decoded
@@ -64,6 +78,13 @@ class Session:
     def generate(self, prompts: Sequence[str], desc: str) -> list[str]:
         """The responses as text (a thinking model's reasoning included)."""
         return [g.response for g in self.generations(prompts, desc)]
+
+    def next_token_logprobs(self, prompts: Sequence[Sequence[int]], desc: str,
+                            token_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """log p(next token | prompt) of tokenised prompts through the engine (MMLU, KL), with prefix reuse."""
+        return self.engine.next_token_logprobs(prompts, token_ids=token_ids, batch_size=self.batch_size,
+                                               max_batch_tokens=self.scoring_batch_tokens, progress=self.progress,
+                                               desc=desc, reuse=self.reuse)
 
 
 class PointContext:

@@ -21,7 +21,6 @@ import torch
 from cna.data import PromptSource
 from cna.errors import ConfigError
 from cna.evaluation.metric import DataContext, EvalSet, Field, Metric, evaluation_set, register_metric
-from cna.evaluation.scoring import next_token_logprobs
 from cna.schema import bounded, choice
 
 if TYPE_CHECKING:
@@ -84,10 +83,7 @@ class Kl(Metric):
         return {"prompts": self.prompts, "direction": self.direction}
 
     def _logprobs(self, session: Session) -> torch.Tensor:
-        return next_token_logprobs(session.model, session.encode(self.prompts),
-                                   pad_token_id=session.tokenizer.pad_token_id, batch_size=session.batch_size,
-                                   max_batch_tokens=session.scoring_batch_tokens, progress=session.progress,
-                                   desc="kl", reuse=session.reuse)
+        return session.next_token_logprobs(session.encode(self.prompts), "kl")
 
     def setup(self, session: Session) -> None:
         """The unsteered distributions, once per job (and from the baseline cache across a sweep's jobs)."""

@@ -7,10 +7,12 @@ from __future__ import annotations
 import csv
 import random
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from cna.errors import ConfigError
 from cna.evaluation.intervals import wilson_interval
@@ -110,8 +112,12 @@ def evaluate_mmlu(
     max_batch_tokens: int | None = None,
     progress: bool = True,
     reuse: LayerPrefixReuse | None = None,
+    score: Callable[[list[list[int]], list[int]], torch.Tensor] | None = None,
 ) -> MmluResult:
-    """Accuracy of the arg-max letter; k-shot examples are the first k dev questions of the same subject."""
+    """Accuracy of the arg-max letter; k-shot examples are the first k dev questions of the same subject.
+
+    `score(prompts, token_ids)` gives the letters' log-probabilities (an engine's, cna.engines); default: `model`'s
+    batched forward."""
     dev_by_subject: dict[str, list[MmluQuestion]] = defaultdict(list)
     for question in dev:
         dev_by_subject[question.subject].append(question)
@@ -119,10 +125,13 @@ def evaluate_mmlu(
         raise ConfigError(f"k_shot={k_shot} needs {k_shot} dev questions for every subject asked")
     texts = [mmlu_prompt(q, dev_by_subject[q.subject][:k_shot]) for q in questions]
     encoded = [tokenizer(text, add_special_tokens=True)["input_ids"] for text in texts]
-    logprobs = next_token_logprobs(model, encoded, pad_token_id=tokenizer.pad_token_id,
-                                   token_ids=letter_token_ids(tokenizer), batch_size=batch_size,
-                                   max_batch_tokens=max_batch_tokens, progress=progress,
-                                   desc="mmlu", reuse=reuse)
+    if score is None:
+        logprobs = next_token_logprobs(model, encoded, pad_token_id=tokenizer.pad_token_id,
+                                       token_ids=letter_token_ids(tokenizer), batch_size=batch_size,
+                                       max_batch_tokens=max_batch_tokens, progress=progress,
+                                       desc="mmlu", reuse=reuse)
+    else:
+        logprobs = score(encoded, letter_token_ids(tokenizer))
     predictions = logprobs.argmax(-1).tolist()
     correct = [p == q.answer for p, q in zip(predictions, questions, strict=True)]
     per_subject: dict[str, list[bool]] = defaultdict(list)
@@ -176,6 +185,5 @@ class Mmlu(Metric):
     def measure(self, point: PointContext) -> dict:
         session = point.session
         result = evaluate_mmlu(session.model, session.tokenizer, self.questions, dev=self.dev, k_shot=self.k_shot,
-                               batch_size=session.batch_size, max_batch_tokens=session.scoring_batch_tokens,
-                               progress=session.progress, reuse=session.reuse)
+                               score=lambda prompts, letters: session.next_token_logprobs(prompts, "mmlu", letters))
         return {"mmlu_accuracy": result.accuracy, "mmlu_ci95": list(result.ci95)}
