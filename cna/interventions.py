@@ -89,8 +89,11 @@ class Intervention(ABC):
         """The hooks that apply this intervention at strength alpha."""
 
     def multiply(self, multiplier: float):
-        """Context manager: the strength as a multiplier m = 1 - alpha (neuron methods also take m > 1)."""
-        return self.steer(1.0 - multiplier)
+        """Context manager: the strength as a multiplier m = 1 - alpha; m > 1 (alpha < 0) reverses the intervention
+        and amplifies what it removes: CAA adds its vector, directional ablation scales the projection by m."""
+        if multiplier < 0:
+            raise ConfigError(f"multiplier must be >= 0, got {multiplier}")
+        return self._attached(self.hooks(1.0 - float(multiplier)))
 
     def first_steered_layer(self) -> int | None:
         """The lowest decoder layer whose computation it changes (layers below run as unsteered: prefix reuse);
