@@ -136,7 +136,7 @@ def dashboard_spec() -> DashboardSpec:
     optional[summary("judge_refusal_rate")] = judge
     return DashboardSpec(
         x_axis=history("alpha"),
-        group_by=(config("method.name"), config("model.name")),
+        group_by=(config("method.name"), config("model.name"), config("behaviour.name")),
         group_colours={name: method.colour for name, method in method_types().items()},
         sections=(
             Section("Against alpha, by method and model", panels),

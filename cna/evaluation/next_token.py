@@ -145,7 +145,7 @@ class NextToken(Metric):
         return metric if metric.sets else None
 
     def evaluated_sets(self) -> dict[str, list[str]]:
-        return {name: [row.prompt for row in rows] for name, rows in self.sets.items()}
+        return {f"{self.name}_{name}": [row.prompt for row in rows] for name, rows in self.sets.items()}
 
     def identity(self) -> dict:
         return {"sets": {name: [dataclasses.astuple(row) for row in rows] for name, rows in self.sets.items()},
