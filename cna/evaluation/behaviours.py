@@ -264,6 +264,8 @@ class Match(ResponseBehaviour):
 
     @classmethod
     def check(cls, config: MatchConfig) -> None:
+        if config.target.n == 0 and config.control.n == 0:
+            return  # switched off
         if not config.patterns or not all(isinstance(p, str) and p for p in config.patterns):
             raise ConfigError(f"eval.match.patterns: expected a non-empty list of keywords or regular expressions, "
                               f"got {config.patterns!r}")
@@ -323,6 +325,8 @@ class Question(ResponseBehaviour):
 
     @classmethod
     def check(cls, config: QuestionConfig) -> None:
+        if config.target.n == 0 and config.control.n == 0:
+            return  # switched off
         if "{response}" not in config.question:
             raise ConfigError(f"eval.question.question: expected a question holding {{response}} (and optionally "
                               f"{{prompt}}), got {config.question!r}")
