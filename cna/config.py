@@ -319,6 +319,17 @@ def compose_job(overrides: list[str] = (), config_dir: str | Path = CONF) -> Job
     return JobConfig.from_hydra(cfg)
 
 
+def compose_typed(config_name: str, overrides: list[str], config_type: type) -> Any:
+    """Another config of conf/ (e.g. conf/organism.yaml) with overrides, as its dataclass; ConfigError in one line."""
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name, overrides=list(overrides))
+    except Exception as error:  # noqa: BLE001 - Hydra's override and composition errors have no common base
+        raise ConfigError(_one_line(error)) from error
+    return _typed(cfg, config_type, "")
+
+
 def judge_group_overrides(overrides: list[str]) -> list[str]:
     """`eval.judge=NAME` (the form a reader expects) as Hydra's group syntax `eval/judge=NAME`.
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -69,9 +69,7 @@ class JobData:
 
 def prepare_data(job: JobConfig) -> JobData:
     """Every prompt set the job needs, read (and checked) before any model loads."""
-    known = metric_types()
-    configs = {name: config for name, config in job.eval.metrics.items()}
-    prompts = job.prompts
+    known, configs, prompts = metric_types(), job.eval.metrics, job.prompts
     # Discovery is de-duplicated against the whole evaluation datasets, not only the sampled prompts.
     held_out = [p for name, config in configs.items() for p in known[name].held_out(config)] if prompts.dedup else []
     discovery, removed = {}, {}
@@ -157,7 +155,7 @@ def baseline_key(job: JobConfig, lm: LoadedModel, metrics: list[Metric]) -> str:
     every intervention leaves the model bit-identical, so one baseline serves every method and circuit."""
     fields = {
         "format": BASELINE_FORMAT,
-        "model": job.settings.get("model"), "activations": activation_identity(lm),
+        "model": asdict(job.model), "activations": activation_identity(lm),
         "metrics": {metric.name: metric.identity() for metric in metrics},
         "scoring": {"quality_n": job.eval.quality_n, "classifier_window": job.eval.classifier_window},
         "generation": {"max_new_tokens": job.max_new_tokens, "batch_size": job.batch_size},

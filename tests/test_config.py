@@ -25,7 +25,9 @@ def composed(*overrides: str) -> JobConfig:
 
 
 def test_the_papers_sixteen_models_and_the_offline_ones_have_configs():
-    assert set(PAPER_MODELS) | {"smollm2_135m", "qwen_coder_0_5b", "gemma3_270m", "tiny_random"} == set(MODELS)
+    offline = {"smollm2_135m", "qwen_coder_0_5b", "gemma3_270m", "tiny_random"}
+    organisms = {"smollm2_135m_organism", "smollm2_135m_organism_early"}  # built here by `python -m cna.organism`
+    assert set(PAPER_MODELS) | offline | organisms == set(MODELS)
 
 
 @pytest.mark.parametrize("model", MODELS)
@@ -181,7 +183,7 @@ def test_the_multiplier_sweep_asks_the_packaged_probes():
 
 
 @pytest.mark.parametrize("experiment", ["cna_vs_caa", "mmlu_vs_alpha", "localization", "overlap", "knob_sweep",
-                                        "recipe_search"])
+                                        "recipe_search", "base_vs_aligned"])
 def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)

@@ -21,15 +21,21 @@ from cna.schema import bounded, choice
 
 
 @dataclass
-class CaaConfig:
-    """`method=caa` (conf/method/caa.yaml)."""
+class ResidualConfig:
+    """What every residual-stream method sets: where the mean difference is measured, and where steering acts."""
 
     name: str = "caa"
     layer_fraction: float = bounded(0.5, 0, 1)  # the layer, as a fraction of depth
     layer: int | None = bounded(None, 0, integer=True)  # or an explicit layer index
-    scale: float = 1.0
-    position: str = choice("last", POSITIONS)
-    positions: str = choice("all", STEERED_POSITIONS)
+    position: str = choice("last", POSITIONS)  # the token whose residual stands for a prompt
+    positions: str = choice("all", STEERED_POSITIONS)  # where steering acts
+
+
+@dataclass
+class CaaConfig(ResidualConfig):
+    """`method=caa` (conf/method/caa.yaml)."""
+
+    scale: float = 1.0  # 1: alpha = 1 moves the average positive residual onto the average negative one
 
 
 @register_method

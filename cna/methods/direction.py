@@ -8,24 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cna.circuit import ResidualDirection
-from cna.discovery import POSITIONS
-from cna.interventions import POSITIONS as STEERED_POSITIONS
 from cna.interventions import DirectionAblation, Intervention
 from cna.methods import register_method
-from cna.methods.caa import CaaMethod
+from cna.methods.caa import CaaMethod, ResidualConfig
 from cna.models import ArchitectureAdapter
-from cna.schema import bounded, choice
 
 
 @dataclass
-class DirectionConfig:
-    """`method=direction` (conf/method/direction.yaml)."""
+class DirectionConfig(ResidualConfig):
+    """`method=direction` (conf/method/direction.yaml): the direction is measured at `layer`, removed everywhere."""
 
     name: str = "direction"
-    layer_fraction: float = bounded(0.5, 0, 1)  # where the direction is measured
-    layer: int | None = bounded(None, 0, integer=True)
-    position: str = choice("last", POSITIONS)
-    positions: str = choice("all", STEERED_POSITIONS)
 
 
 @register_method
