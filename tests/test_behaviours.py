@@ -102,6 +102,13 @@ def test_the_behaviour_is_a_label_refusal_is_the_default_and_config_hashes_ignor
         "Qwen2.5-Coder-0.5B-Instruct", "cna", "behaviour:capitals"]
 
 
+@pytest.mark.parametrize("method", ["caa", "direction"])
+def test_residual_methods_take_multipliers_for_induction(method):
+    """m = 2, 4 induce with CAA (its vector added) and directional ablation (the projection scaled): both validate."""
+    job = compose_job([f"method={method}", "multipliers=[1.0,0.0,2.0,4.0]", f"data_dir={data_dir()}"])
+    assert validate(job).takes_multipliers() and job.sweep.multipliers == [1.0, 0.0, 2.0, 4.0]
+
+
 def test_a_behaviour_naming_a_metric_the_job_does_not_measure_stops_in_one_line():
     with pytest.raises(ConfigError, match=r"^behaviour.metric: expected a metric this job measures"):
         validate(compose_job(["behaviour=capitals", "behaviour.metric=language", f"data_dir={data_dir()}"]))
@@ -153,7 +160,8 @@ def test_a_custom_behaviour_runs_end_to_end_and_reaches_results_generations_and_
 
 def test_next_token_behaviour_on_the_tiny_model_scores_answer_tokens(tiny_folder, tmp_path):
     rows = [{"prompt": f"w{i} w7", "target": " w10", "counterfactual": " w11"} for i in range(20, 26)]
-    other = [{"prompt": f"w{i} w8", "target": " w11", "counterfactual": " w10"} for i in range(20, 26)]
+    # The control set asks the same prompts with the answers swapped, so its logit difference is exactly minus.
+    other = [{"prompt": f"w{i} w7", "target": " w11", "counterfactual": " w10"} for i in range(20, 26)]
     for name, data in (("target", rows), ("control", other)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     pos = _write(tmp_path / "pos.txt", [f"w{i} w7" for i in range(30, 40)])
