@@ -71,6 +71,11 @@ class Metric(ABC):
     logged_when: ClassVar[str | None] = None  # for metrics a default job does not run: when its fields appear
     history_keys: ClassVar[tuple[str, ...]] = ()  # more W&B history keys its dashboard panel draws
 
+    @classmethod
+    def measured_fields(cls, keys: set[str]) -> tuple[Field, ...]:
+        """Its fields among these point keys; a metric whose fields depend on its settings names them here."""
+        return cls.fields
+
     @classmethod  # noqa: B027 - most metrics have nothing to check beyond their schema
     def check(cls, config) -> None:
         """Raise ConfigError (one line naming the key) where its settings contradict each other or what they

@@ -34,7 +34,8 @@ def _cell(text: str) -> str:
 def table_fields(runs: list[Run]) -> list[Field]:
     """The points table's metric columns: every registered metric's fields, in the registry's order, that some
     point of these runs has."""
-    fields = [f for metric in metric_types().values() for f in metric.fields if f.table]
+    keys = {key for run in runs for point in run.points for key in point.extra}
+    fields = [f for metric in metric_types().values() for f in metric.measured_fields(keys) if f.table]
     return [f for f in fields if any(is_number(point.value(f.name)) for run in runs for point in run.points)]
 
 
