@@ -43,6 +43,7 @@ from cna.batching import last_token_index, length_sorted_batches, pad_batch, pos
 from cna.data import PromptSource, load_prompts, packaged_rows
 from cna.discovery import DISCOVERY_TOKEN_BUDGET, ActivationStatistics, NeuronScores, contrastive_scores
 from cna.errors import ConfigError
+from cna.experts import expert_tap
 from cna.hooks import attached, map_input
 from cna.models import ArchitectureAdapter
 
@@ -98,25 +99,55 @@ def collect_gradients(
     progress: bool = True,
     desc: str = "attribution",
 ) -> GradientStatistics:
-    """Stream sum a x dM/da and sum dM/da over `prompts`, for every neuron at the last prompt token."""
+    """Stream sum a x dM/da and sum dM/da over `prompts`, for every neuron at the last prompt token.
+
+    In MoE layers a routed expert's neuron is opened only where the router chose the expert (elsewhere it computes
+    nothing, and its gradient is 0); shared experts' neurons are opened as a dense layer's.
+    """
     if not prompts:
         raise ConfigError(f"{desc}: the prompt set is empty")
     n_layers, width = adapter.n_layers, adapter.neurons_per_layer
     last: dict[str, torch.Tensor] = {}
-    values: list[torch.Tensor | None] = [None] * n_layers
-    perturbations: list[torch.Tensor | None] = [None] * n_layers
+    openings: list[_Opening] = []
 
-    def open_site(layer: int):
+    def open_site(opening: _Opening):
         def perturbed(x: torch.Tensor) -> torch.Tensor:
+            shape, x = x.shape, x.reshape(len(last["index"]), -1, x.shape[-1])  # [B x T, width] in Qwen2-MoE
             rows, columns = torch.arange(x.shape[0], device=x.device), last["index"].to(x.device)
-            values[layer] = x[rows, columns].detach()
-            zero = torch.zeros(x.shape[0], width, dtype=x.dtype, device=x.device, requires_grad=True)
-            perturbations[layer] = zero
-            return x.index_put((rows, columns), x[rows, columns] + zero)
+            opening.values = x[rows, columns].detach()
+            zero = torch.zeros(x.shape[0], x.shape[-1], dtype=x.dtype, device=x.device, requires_grad=True)
+            opening.perturbation = zero
+            return x.index_put((rows, columns), x[rows, columns] + zero).reshape(shape)
 
         return perturbed
 
-    hooks = [map_input(site, open_site(layer)) for layer, site in enumerate(adapter.neuron_sites)]
+    def open_experts(opening: _Opening, experts):
+        def perturbed(values: torch.Tensor, chosen: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+            length = last["length"]
+            prompt = tokens // length
+            rows = (tokens % length == last["index"].to(tokens.device)[prompt]).nonzero()[:, 0]
+            if opening.perturbation is None:  # the first block of rows of this forward (a loop calls once per expert)
+                grid = (len(last["index"]), experts.n_routed, experts.width)
+                opening.values = torch.zeros(grid, dtype=values.dtype, device=values.device)
+                opening.perturbation = torch.zeros(grid, dtype=values.dtype, device=values.device, requires_grad=True)
+            where = (prompt[rows], chosen[rows])
+            opening.values[where] = values[rows].detach()
+            return values.index_put((rows,), values[rows] + opening.perturbation[where])
+
+        return perturbed
+
+    hooks = []
+    for layer, site in enumerate(adapter.neuron_sites):
+        experts = adapter.experts[layer]
+        if experts is None:
+            openings.append(_Opening(layer, 0))
+            hooks.append(map_input(site, open_site(openings[-1])))
+            continue
+        openings.append(_Opening(layer, 0))
+        hooks.append(expert_tap(experts.fused, open_experts(openings[-1], experts)))
+        if experts.shared is not None:
+            openings.append(_Opening(layer, experts.n_routed * experts.width))
+            hooks.append(map_input(experts.shared, open_site(openings[-1])))
     device = adapter.input_device
     batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
     # Gradients even when called under inference_mode (which enable_grad alone does not undo) or no_grad.
@@ -126,19 +157,32 @@ def collect_gradients(
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             # Left padding puts every prompt's last token in the final column: one logit row each.
             ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, "left")
-            last["index"] = last_token_index(mask)
+            last["index"], last["length"] = last_token_index(mask), mask.shape[1]
             logits = adapter.model(input_ids=ids.to(device), attention_mask=mask.to(device),
                                    position_ids=position_ids(mask).to(device), use_cache=False,
                                    logits_to_keep=1).logits[:, -1]
             logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
             # Rows are independent (attention masks), so the gradient of the sum is each prompt's own.
-            gradients = torch.autograd.grad(metric(logits, rows).sum(), perturbations)
-            for layer, gradient in enumerate(gradients):
-                gradient = gradient.detach().double().cpu()
-                activation_gradient_sum[layer] += (values[layer].double().cpu() * gradient).sum(0)
-                gradient_sum[layer] += gradient.sum(0)
-            values[:] = perturbations[:] = [None] * n_layers
+            gradients = torch.autograd.grad(metric(logits, rows).sum(), [o.perturbation for o in openings])
+            for opening, gradient in zip(openings, gradients, strict=True):
+                gradient = gradient.detach().double().cpu().flatten(1)
+                columns = slice(opening.offset, opening.offset + gradient.shape[1])
+                activation_gradient_sum[opening.layer, columns] += (
+                    opening.values.double().cpu().flatten(1) * gradient).sum(0)
+                gradient_sum[opening.layer, columns] += gradient.sum(0)
+                opening.values = opening.perturbation = None
     return GradientStatistics(len(prompts), activation_gradient_sum, gradient_sum)
+
+
+@dataclass
+class _Opening:
+    """One neuron site's zero perturbation at the last tokens (its gradient is dM/da) and the values there, for the
+    batch in flight; `offset`: where its neurons start on the layer's axis."""
+
+    layer: int
+    offset: int
+    values: torch.Tensor | None = None
+    perturbation: torch.Tensor | None = None
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -225,8 +269,14 @@ def neuron_writes(adapter: ArchitectureAdapter, direction: torch.Tensor) -> torc
     if norm == 0:
         raise ConfigError("method.score=projection: the residual mean difference is zero at the direction layer")
     unit = direction.double() / norm
-    return torch.stack([adapter.neuron_weights(layer).detach().double().cpu() @ unit
-                        for layer in range(adapter.n_layers)])
+    if adapter.layout is None:
+        return torch.stack([adapter.neuron_weights(layer).detach().double().cpu() @ unit
+                            for layer in range(adapter.n_layers)])
+    writes = torch.zeros(adapter.n_layers, adapter.neurons_per_layer, dtype=torch.float64)  # padding writes nothing
+    for layer in range(adapter.n_layers):
+        for offset, weights in adapter.write_views(layer):  # one expert at a time: no copy of a whole fused tensor
+            writes[layer, offset : offset + weights.shape[0]] = weights.detach().double().cpu() @ unit
+    return writes
 
 
 def projection_scores(scores: NeuronScores, writes: torch.Tensor) -> NeuronScores:

@@ -2,7 +2,9 @@
 
 `Circuit` holds MLP neurons (CNA and the random control); `ResidualDirection`
 is its residual-stream counterpart (CAA and directional ablation), written to
-the same file with the layer(s) and vector norm instead of a neuron list.
+the same file with the layer(s) and vector norm instead of a neuron list;
+`ExpertChoice` is the router baseline's (the experts whose gate logits it shifts).
+In mixtures of experts a neuron also names its expert (`expert`; absent for dense layers).
 """
 
 from __future__ import annotations
@@ -22,10 +24,18 @@ class Neuron:
     positive_mean: float
     negative_mean: float
     score: float | None = None  # the value it was ranked by (delta for the paper's score); None in older files
+    expert: int | None = None  # mixtures of experts: routed 0..E-1, shared E..; None for a dense layer's neuron
 
     @property
-    def key(self) -> tuple[int, int]:
-        return (self.layer, self.index)
+    def key(self) -> tuple[int, ...]:
+        """(layer, index), or (layer, expert, index) for an expert's neuron."""
+        return (self.layer, self.index) if self.expert is None else (self.layer, self.expert, self.index)
+
+    def to_dict(self) -> dict:
+        fields = asdict(self)
+        if self.expert is None:  # dense circuits keep the fields they always had
+            del fields["expert"]
+        return fields
 
 
 @dataclass
@@ -40,6 +50,7 @@ class Circuit:
     prompts: dict = field(default_factory=dict)  # {"positive": n, "negative": n, "sha256": str}
     settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
     score: str = "delta"  # what neurons were ranked by: delta (the paper), projection, attribution, target
+    experts: dict | None = None  # mixtures of experts: each layer's layout and each expert's routing frequency
 
     @property
     def k(self) -> int:
@@ -50,6 +61,14 @@ class Circuit:
         counts = dict.fromkeys(range(self.n_layers), 0)
         for neuron in self.neurons:
             counts[neuron.layer] += 1
+        return counts
+
+    @property
+    def expert_counts(self) -> dict[tuple[int, int | None], int]:
+        """Neurons per (layer, expert), expert None for dense layers; only pairs that have some."""
+        counts: dict[tuple[int, int | None], int] = {}
+        for neuron in self.neurons:
+            counts[(neuron.layer, neuron.expert)] = counts.get((neuron.layer, neuron.expert), 0) + 1
         return counts
 
     def by_layer(self) -> dict[int, list[Neuron]]:
@@ -65,13 +84,14 @@ class Circuit:
             "score": self.score,
             "k": self.k,
             "k_fraction": self.k_fraction,
-            "neurons": [asdict(neuron) for neuron in self.neurons],
+            "neurons": [neuron.to_dict() for neuron in self.neurons],
             "universal_removed": self.universal_removed,
             "layer_counts": {str(layer): count for layer, count in self.layer_counts.items()},
             "n_layers": self.n_layers,
             "neurons_per_layer": self.neurons_per_layer,
             "prompts": self.prompts,
             "settings": self.settings,
+            **({"experts": self.experts} if self.experts is not None else {}),
         }
 
     @classmethod
@@ -79,7 +99,8 @@ class Circuit:
         """From circuit.json; a file carrying only the contract's neuron fields (layer, index, delta) reads too."""
         neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("delta", 0.0)),
                           float(n.get("positive_mean", 0.0)), float(n.get("negative_mean", 0.0)),
-                          None if n.get("score") is None else float(n["score"]))
+                          None if n.get("score") is None else float(n["score"]),
+                          None if n.get("expert") is None else int(n["expert"]))
                    for n in data["neurons"]]
         n_layers = data.get("n_layers")
         if n_layers is None:
@@ -89,7 +110,7 @@ class Circuit:
                    k_fraction=float(data.get("k_fraction", 0.0)),
                    universal_removed=int(data.get("universal_removed", 0)),
                    prompts=data.get("prompts", {}), settings=data.get("settings", {}),
-                   score=str(data.get("score", "delta")))
+                   score=str(data.get("score", "delta")), experts=data.get("experts"))
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())
@@ -151,8 +172,50 @@ class ResidualDirection:
         return cls.from_dict(read_json(path))
 
 
-def overlap(a: Circuit, b: Circuit) -> list[tuple[int, int]]:
-    """The (layer, index) pairs present in both circuits, sorted."""
+@dataclass
+class ExpertChoice:
+    """The router baseline (neuron-free): routed experts whose gate logits are shifted before the routing decision.
+
+    Each entry is {"layer", "expert", "shift", "positive_frequency", "negative_frequency"}: at strength alpha the
+    expert's logit moves by alpha x shift (negative: suppressed, positive: boosted); the frequencies are how often
+    the router chose it at the prompts' position on each discovery set.
+    """
+
+    model: str
+    method: str
+    experts: list[dict]
+    n_layers: int
+    n_routed: int
+    prompts: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
+
+    def by_layer(self) -> dict[int, list[dict]]:
+        layers: dict[int, list[dict]] = {}
+        for entry in self.experts:
+            layers.setdefault(int(entry["layer"]), []).append(entry)
+        return layers
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "method": self.method, "n_experts": len(self.experts), "experts": self.experts,
+                "n_layers": self.n_layers, "n_routed": self.n_routed, "prompts": self.prompts,
+                "settings": self.settings}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ExpertChoice:
+        return cls(model=data["model"], method=data["method"], experts=list(data["experts"]),
+                   n_layers=data["n_layers"], n_routed=data["n_routed"], prompts=data.get("prompts", {}),
+                   settings=data.get("settings", {}))
+
+    def save(self, path: str | Path) -> Path:
+        return write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertChoice:
+        return cls.from_dict(read_json(path))
+
+
+def overlap(a: Circuit, b: Circuit) -> list[tuple[int, ...]]:
+    """The neurons present in both circuits, sorted: (layer, index), or (layer, expert, index) in MoE layers."""
     return sorted({n.key for n in a.neurons} & {n.key for n in b.neurons})
 
 
@@ -165,9 +228,32 @@ def localisation(circuit: Circuit, top_n: int = 200) -> dict:
     if not top:
         raise ValueError("localisation of an empty circuit")
     final_quarter_start = math.floor(0.75 * circuit.n_layers)
-    return {
+    where = {
         "n": len(top),
         "final_3_layers": sum(n.layer >= circuit.n_layers - 3 for n in top) / len(top),
         "final_quarter": sum(n.layer >= final_quarter_start for n in top) / len(top),
         "final_quarter_start_layer": final_quarter_start,
     }
+    if circuit.experts is not None:  # the expert axis: which experts the top neurons sit in
+        where.update(expert_localisation(Circuit(circuit.model, circuit.method, top, circuit.n_layers,
+                                                 circuit.neurons_per_layer, experts=circuit.experts)))
+    return where
+
+
+def expert_localisation(circuit: Circuit) -> dict:
+    """Where a MoE circuit's neurons sit among the experts: how many (layer, expert) pairs hold them, the largest
+    pair's share, and the shares in routed experts, shared experts and dense layers."""
+    layout = circuit.experts["layout"]
+    counts = circuit.expert_counts
+    n = max(circuit.k, 1)
+
+    def kind(layer: int, expert: int | None) -> str:
+        if expert is None:
+            return "dense"
+        return "routed" if expert < layout[layer]["experts"] else "shared"
+
+    shares = {name: sum(c for (layer, expert), c in counts.items() if kind(layer, expert) == name) / n
+              for name in ("routed", "shared", "dense")}
+    return {"expert_pairs": len(counts), "largest_expert_share": max(counts.values(), default=0) / n,
+            "routed_fraction": shares["routed"], "shared_fraction": shares["shared"],
+            "dense_fraction": shares["dense"]}

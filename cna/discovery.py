@@ -8,10 +8,15 @@
    for at least `threshold` of a diverse prompt set; they carry no behaviour.
 4. `select_circuit`: the top k by |delta| (or signed), universal neurons skipped
    and the circuit refilled so k stays k.
+
+In mixture-of-experts layers a neuron is (expert, j) and its value at a token is what
+the expert computed there if the router chose it, 0 otherwise (`cna.experts`); the
+statistics also count how often each expert was chosen at the prompts' position.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -23,8 +28,9 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from cna.batching import last_token_index, length_sorted_batches, pad_batch, position_ids
-from cna.circuit import Circuit, Neuron, ResidualDirection
+from cna.circuit import Circuit, ExpertChoice, Neuron, ResidualDirection
 from cna.errors import ConfigError
+from cna.experts import ExpertReadout, NeuronLayout
 from cna.hooks import attached, read_input, read_output
 from cna.models import ArchitectureAdapter
 
@@ -45,6 +51,8 @@ class ActivationStatistics:
     position: str
     top_fraction: float | None = None
     top_counts: torch.Tensor | None = None  # [layers, neurons]: prompts where the neuron was in the top fraction
+    layout: NeuronLayout | None = None  # mixtures of experts: where each expert's neurons sit on a layer's axis
+    routing_sum: torch.Tensor | None = None  # [layers, routed experts]: how often each was chosen (at the position)
 
     @property
     def neuron_mean(self) -> torch.Tensor:
@@ -54,11 +62,20 @@ class ActivationStatistics:
     def residual_mean(self) -> torch.Tensor:
         return self.residual_sum / self.n_prompts
 
+    @property
+    def routing_frequency(self) -> torch.Tensor | None:
+        """[layers, routed experts]: the fraction of prompts whose position the router sent to each expert (with
+        position mean: the mean fraction of a prompt's tokens)."""
+        return None if self.routing_sum is None else self.routing_sum / self.n_prompts
+
     def save(self, path: str | Path) -> Path:
         tensors = {"neuron_sum": self.neuron_sum, "residual_sum": self.residual_sum}
         if self.top_counts is not None:
             tensors["top_counts"] = self.top_counts
         metadata = {"n_prompts": str(self.n_prompts), "position": self.position, "top_fraction": str(self.top_fraction)}
+        if self.layout is not None:
+            tensors["routing_sum"] = self.routing_sum
+            metadata["layout"] = json.dumps(self.layout.to_dict())
         save_file(tensors, str(path), metadata=metadata)
         return Path(path)
 
@@ -75,6 +92,8 @@ class ActivationStatistics:
             position=metadata["position"],
             top_fraction=top_fraction,
             top_counts=tensors.get("top_counts"),
+            layout=NeuronLayout.from_dict(json.loads(metadata["layout"])) if "layout" in metadata else None,
+            routing_sum=tensors.get("routing_sum"),
         )
 
 
@@ -94,7 +113,8 @@ def collect_statistics(
     """Stream per-neuron and per-layer residual sums over `prompts` (token id lists).
 
     With `top_fraction`, also count for each neuron the prompts in which its
-    |activation| is among the top `top_fraction` of all the model's MLP neurons.
+    |activation| is among the top `top_fraction` of all the model's MLP neurons
+    (routed and shared experts' neurons included; a padded layer's padding never is).
     """
     if not prompts:
         raise ConfigError(f"{desc}: the prompt set is empty")
@@ -107,7 +127,10 @@ def collect_statistics(
     neuron_sum = torch.zeros(n_layers, width, dtype=torch.float64, device=device)
     residual_sum = torch.zeros(n_layers, adapter.hidden_size, dtype=torch.float64, device=device)
     top_counts = torch.zeros(n_layers * width, dtype=torch.int64, device=device) if top_fraction else None
-    top_k = max(1, round(top_fraction * n_layers * width)) if top_fraction else 0
+    top_k = max(1, round(top_fraction * adapter.total_neurons)) if top_fraction else 0
+    layout = adapter.layout
+    routing_sum = torch.zeros(n_layers, layout.n_routed, dtype=torch.float64, device=device) if layout else None
+    padding = (~layout.valid()).flatten().to(device) if layout is not None and layout.padded else None
 
     batch: dict[str, torch.Tensor] = {}
     # Top counting ranks every neuron of a prompt at once, so it needs the batch's values from all layers:
@@ -128,12 +151,18 @@ def collect_statistics(
         real = batch["mask"].to(hidden.device, torch.bool).unsqueeze(-1)
         return torch.where(real, hidden.float(), 0.0).sum(1) / real.sum(1)
 
+    def deliver(layer: int, values: torch.Tensor, chosen: torch.Tensor | None = None) -> None:
+        """Add one batch's prompt values [B, the layer's width] (and its experts' choices [B, experts])."""
+        values = values.to(device)
+        neuron_sum[layer, : values.shape[-1]] += values.sum(0, dtype=torch.float64)
+        if neuron_values is not None:
+            neuron_values[: len(values), layer, : values.shape[-1]] = values
+        if chosen is not None:
+            routing_sum[layer, : chosen.shape[-1]] += chosen.to(device).sum(0, dtype=torch.float64)
+
     def neuron_reader(layer: int):
         def read(hidden: torch.Tensor) -> None:
-            values = prompt_values(hidden).to(device)
-            neuron_sum[layer] += values.sum(0, dtype=torch.float64)
-            if neuron_values is not None:
-                neuron_values[: len(values), layer] = values
+            deliver(layer, prompt_values(hidden))
 
         return read
 
@@ -143,7 +172,10 @@ def collect_statistics(
 
         return read
 
-    hooks = [read_input(site, neuron_reader(i)) for i, site in enumerate(adapter.neuron_sites)]
+    hooks = [read_input(site, neuron_reader(i)) for i, site in enumerate(adapter.neuron_sites)
+             if adapter.experts[i] is None]
+    if adapter.has_experts:
+        hooks += ExpertReadout(adapter.experts, batch, position, batch_size, prompt_values, deliver, device).hooks()
     hooks += [read_output(layer, residual_reader(i)) for i, layer in enumerate(adapter.layers)]
     batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
     with attached(hooks), torch.inference_mode():
@@ -158,6 +190,8 @@ def collect_statistics(
             )
             if neuron_values is not None:
                 magnitudes = neuron_values[: len(rows)].abs().flatten(1)  # [B, layers * neurons]
+                if padding is not None:
+                    magnitudes.masked_fill_(padding, -1.0)
                 top = magnitudes.topk(top_k, dim=1).indices.flatten()
                 top_counts.index_add_(0, top, torch.ones_like(top))
     return ActivationStatistics(
@@ -167,6 +201,8 @@ def collect_statistics(
         position=position,
         top_fraction=top_fraction,
         top_counts=None if top_counts is None else top_counts.view(n_layers, width).cpu(),
+        layout=layout,
+        routing_sum=None if routing_sum is None else routing_sum.cpu(),
     )
 
 
@@ -176,6 +212,7 @@ class NeuronScores:
 
     Neurons are ranked by `delta` (the paper) or, when `value` is set, by the score `name` it holds
     (`cna.attribution`: projection, attribution, target); selection is the same either way.
+    In mixtures of experts, column `flat` of a layer is the neuron `layout.locate(layer, flat)`.
     """
 
     delta: torch.Tensor
@@ -183,20 +220,41 @@ class NeuronScores:
     negative_mean: torch.Tensor
     name: str = "delta"
     value: torch.Tensor | None = None
+    layout: NeuronLayout | None = None
+    routing: dict[str, torch.Tensor] | None = None  # {"positive"|"negative": [layers, routed experts] frequencies}
 
     @property
     def ranking(self) -> torch.Tensor:
         return self.delta if self.value is None else self.value
 
+    @property
+    def total(self) -> int:
+        """The neurons to choose from (a padded layer's padding is none)."""
+        return self.layout.total if self.layout else self.delta.numel()
+
     def neuron(self, layer: int, index: int) -> Neuron:
+        """The neuron at column `index` of `layer` (with its expert and its index inside the expert, in MoE layers)."""
+        expert, within = (None, index) if self.layout is None else self.layout.locate(layer, index)
         return Neuron(
             layer=layer,
-            index=index,
+            index=within,
             delta=float(self.delta[layer, index]),
             positive_mean=float(self.positive_mean[layer, index]),
             negative_mean=float(self.negative_mean[layer, index]),
             score=float(self.ranking[layer, index]),
+            expert=expert,
         )
+
+    def experts_record(self) -> dict | None:
+        """What circuit.json says of the experts: each layer's layout, and how often each routed expert was chosen
+        on each set at the prompts' position (per MoE layer)."""
+        if self.layout is None:
+            return None
+        moe = [layer for layer, spec in enumerate(self.layout.layers) if "experts" in spec]
+        return {"layout": list(self.layout.layers),
+                "routing_frequency": {side: {str(layer): [round(float(f), 6) for f in frequency[layer][
+                    : self.layout.layers[layer]["experts"]]] for layer in moe}
+                    for side, frequency in (self.routing or {}).items()}}
 
 
 def contrastive_scores(positive: ActivationStatistics, negative: ActivationStatistics) -> NeuronScores:
@@ -204,8 +262,13 @@ def contrastive_scores(positive: ActivationStatistics, negative: ActivationStati
         raise ConfigError("positive and negative statistics come from different models")
     if positive.position != negative.position:
         raise ConfigError(f"positive statistics use position '{positive.position}', negative '{negative.position}'")
+    if positive.layout != negative.layout:
+        raise ConfigError("positive and negative statistics have different expert layouts")
     positive_mean, negative_mean = positive.neuron_mean, negative.neuron_mean
-    return NeuronScores(positive_mean - negative_mean, positive_mean, negative_mean)
+    routing = None if positive.layout is None else {"positive": positive.routing_frequency,
+                                                    "negative": negative.routing_frequency}
+    return NeuronScores(positive_mean - negative_mean, positive_mean, negative_mean, layout=positive.layout,
+                        routing=routing)
 
 
 def universal_neurons(diverse: ActivationStatistics, threshold: float = 0.8) -> torch.Tensor:
@@ -237,11 +300,13 @@ def _ranking_score(delta: torch.Tensor, sign: str) -> torch.Tensor:
 
 
 def rank_neurons(
-    delta: torch.Tensor, sign: str = "abs", layers: tuple[int, int | None] | None = None
+    delta: torch.Tensor, sign: str = "abs", layers: tuple[int, int | None] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Flat neuron ids (layer * neurons_per_layer + index), best first; ties by (layer, index).
 
-    `layers` is [start, stop); stop None means through the last layer.
+    `layers` is [start, stop); stop None means through the last layer. `valid` (bool, like `delta`) leaves out the
+    padding of layers narrower than the widest.
     """
     n_layers, width = delta.shape
     score = _ranking_score(delta, sign).flatten()
@@ -251,6 +316,8 @@ def rank_neurons(
         if not 0 <= start < stop <= n_layers:
             raise ConfigError(f"layer range [{start}, {stop}) is not within [0, {n_layers})")
         candidates = candidates[start * width : stop * width]
+    if valid is not None:
+        candidates = candidates[valid.flatten()[candidates]]
     order = torch.sort(score[candidates], descending=True, stable=True).indices
     return candidates[order]
 
@@ -269,15 +336,17 @@ def select_circuit(
 ) -> Circuit:
     """The top-k neurons by `scores.ranking`; universal neurons are skipped and the circuit refilled.
 
-    k is `k_fraction` of all MLP neurons, or `k` neurons when a count is given (it overrides the fraction).
+    k is `k_fraction` of all MLP neurons (every routed and shared expert neuron counts), or `k` neurons when a
+    count is given (it overrides the fraction).
     """
     n_layers, width = scores.ranking.shape
     if k is not None:
-        n_selected = resolve_k(n_layers * width, k=k)
-        k_fraction = n_selected / (n_layers * width)
+        n_selected = resolve_k(scores.total, k=k)
+        k_fraction = n_selected / scores.total
     else:
-        n_selected = resolve_k(n_layers * width, k_fraction=k_fraction)
-    ranked = rank_neurons(scores.ranking, sign, layers)
+        n_selected = resolve_k(scores.total, k_fraction=k_fraction)
+    padded = scores.layout is not None and scores.layout.padded
+    ranked = rank_neurons(scores.ranking, sign, layers, valid=scores.layout.valid() if padded else None)
     universal_removed = 0
     if universal is not None:
         flagged = universal.flatten()[ranked]
@@ -295,6 +364,7 @@ def select_circuit(
         k_fraction=k_fraction,
         universal_removed=universal_removed,
         prompts=prompts or {},
+        experts=scores.experts_record(),
         settings={
             "k_requested": k if k is not None else k_fraction,
             "sign": sign,
@@ -313,11 +383,59 @@ def random_circuit(circuit: Circuit, scores: NeuronScores, seed: int) -> Circuit
     for layer, count in sorted(circuit.layer_counts.items()):
         if count == 0:
             continue
-        free = torch.tensor([i for i in range(circuit.neurons_per_layer) if (layer, i) not in used])
+        if scores.layout is None:
+            free = torch.tensor([i for i in range(circuit.neurons_per_layer) if (layer, i) not in used])
+        else:  # every expert's neurons in the layer, routed and shared
+            taken = {scores.layout.flat(layer, n.expert, n.index) for n in circuit.neurons if n.layer == layer}
+            free = torch.tensor([flat for flat in range(scores.layout.layer_width(layer)) if flat not in taken])
         drawn = free[torch.randperm(len(free), generator=generator)[:count]].sort().values
         neurons += [scores.neuron(layer, int(index)) for index in drawn]
     return replace(circuit, method="random", neurons=neurons, universal_removed=0,
                    settings={**circuit.settings, "seed": seed, "matched_to": circuit.method})
+
+
+def select_experts(
+    positive: ActivationStatistics,
+    negative: ActivationStatistics,
+    *,
+    model: str,
+    n_experts: int,
+    sign: str = "abs",
+    scale: float = 10.0,
+    layers: tuple[int, int] | None = None,
+    prompts: dict | None = None,
+    settings: dict | None = None,
+) -> ExpertChoice:
+    """The router baseline's experts: the `n_experts` (layer, expert) pairs whose routing frequency at the prompts'
+    position differs most between the sets (positive - negative, ranked as `sign` says; ties by layer, then expert).
+
+    Experts the positive set favours are suppressed (their gate logit moves by -scale at alpha = 1), experts the
+    negative set favours boosted (+scale): `positive` picks only the first kind, `negative` only the second.
+    """
+    if positive.routing_sum is None or negative.routing_sum is None:
+        raise ConfigError("method router: the model has no routed experts (its statistics count no routing)")
+    if scale <= 0:
+        raise ConfigError(f"method.scale: expected a logit shift > 0, got {scale}")
+    difference = positive.routing_frequency - negative.routing_frequency
+    routed = torch.zeros_like(difference, dtype=torch.bool)
+    for layer, spec in enumerate(positive.layout.layers):
+        routed[layer, : spec.get("experts", 0)] = True
+    ranked = rank_neurons(difference, sign, layers, valid=routed)
+    if not 1 <= n_experts <= len(ranked):
+        raise ConfigError(f"method.n_experts: expected 1 to {len(ranked)} (the routed experts searched), "
+                          f"got {n_experts}")
+    width = difference.shape[1]
+    entries = []
+    for flat in ranked[:n_experts].tolist():
+        layer, expert = divmod(flat, width)
+        favoured_by_positive = sign == "positive" or (sign == "abs" and difference[layer, expert] >= 0)
+        entries.append({"layer": layer, "expert": expert, "shift": -scale if favoured_by_positive else scale,
+                        "positive_frequency": float(positive.routing_frequency[layer, expert]),
+                        "negative_frequency": float(negative.routing_frequency[layer, expert])})
+    return ExpertChoice(model=model, method="router", experts=entries, n_layers=difference.shape[0],
+                        n_routed=positive.layout.n_routed, prompts=prompts or {},
+                        settings={"sign": sign, "scale": scale, "layers": list(layers) if layers else None,
+                                  **(settings or {})})
 
 
 def residual_direction(

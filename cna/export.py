@@ -12,6 +12,12 @@ layer are copied as they are. A model with no checkpoint folder (built in memory
 baked in place and saved, which needs every circuit layer in memory. Quantised weights
 pack several neurons per element, so a quantised model is refused.
 
+Mixtures of experts: neuron j of routed expert e writes column j of `down_proj[e]` (row j
+in gpt-oss's transposed layout), scaled in the fused tensor where the checkpoint stores
+one, else in that expert's own `down_proj` (per-expert checkpoints: what transformers 5
+converts from on load and writes back on save; Mixtral names it `w2`); a shared expert's
+neurons are its `down_proj` columns, as a dense layer's.
+
 Directional ablation (Arditi et al. 2024) is baked by weight orthogonalisation: W <- W - alpha d d^T W
 for the token (and learned position) embeddings and each block's output matrix and bias, so nothing the
 model writes to the residual stream has a component along d. It is linear in what each block writes, so
@@ -24,6 +30,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,8 +60,8 @@ def baked_weights(adapter: ArchitectureAdapter, circuit: Circuit, multiplier: fl
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:
         with torch.no_grad():
-            for layer, neurons in circuit.by_layer().items():
-                weights = adapter.neuron_weights(layer)
+            for (layer, expert), neurons in _by_expert(circuit).items():
+                weights = adapter.expert_weights(layer, expert)
                 rows = torch.tensor([n.index for n in neurons], device=weights.device)
                 saved.append((weights, rows, weights[rows].clone()))
                 weights[rows] = _scaled(weights[rows], multiplier)
@@ -63,6 +70,14 @@ def baked_weights(adapter: ArchitectureAdapter, circuit: Circuit, multiplier: fl
         with torch.no_grad():
             for weights, rows, original in saved:
                 weights[rows] = original
+
+
+def _by_expert(circuit: Circuit) -> dict[tuple[int, int | None], list]:
+    """The circuit's neurons per (layer, expert); expert None for dense layers (one group per layer)."""
+    groups: dict[tuple[int, int | None], list] = {}
+    for neuron in circuit.neurons:
+        groups.setdefault((neuron.layer, neuron.expert), []).append(neuron)
+    return groups
 
 
 def export_baked_model(model, tokenizer, adapter: ArchitectureAdapter, circuit: Circuit, multiplier: float,
@@ -100,13 +115,35 @@ def checkpoint_folder(model: nn.Module) -> Path | None:
     return folder if (folder / SINGLE_SHARD).is_file() or (folder / SHARD_INDEX).is_file() else None
 
 
-def _checkpoint_edits(model: nn.Module, adapter: ArchitectureAdapter, circuit: Circuit) -> dict[str, tuple]:
-    """For each circuit layer: its weight's parameter name -> (neuron indices, neurons along dim 0 or 1)."""
+@dataclass(frozen=True)
+class _Edit:
+    """Scale some neurons' weights, in the first of `places` the checkpoint holds: (tensor name, the dim the neurons
+    run along, the expert's slice of a fused tensor or None)."""
+
+    places: tuple[tuple[str, int, int | None], ...]
+    indices: list[int]
+
+
+def _checkpoint_edits(model: nn.Module, adapter: ArchitectureAdapter, circuit: Circuit) -> list[_Edit]:
+    """One edit per (layer, expert) of the circuit."""
     module_names = {module: name for name, module in model.named_modules()}
     # Conv1D stores [in, out]: neuron j is row j. nn.Linear stores [out, in]: neuron j is column j.
     neuron_dim = 0 if adapter.family.conv1d else 1
-    return {f"{module_names[adapter.neuron_sites[layer]]}.weight": ([n.index for n in neurons], neuron_dim)
-            for layer, neurons in circuit.by_layer().items()}
+    edits = []
+    for (layer, expert), neurons in _by_expert(circuit).items():
+        indices = [n.index for n in neurons]
+        experts = adapter.experts[layer]
+        if experts is None or expert >= experts.n_routed:  # a dense layer, or a shared expert (an nn.Linear)
+            site = adapter.neuron_sites[layer] if experts is None else experts.shared
+            edits.append(_Edit(((f"{module_names[site]}.weight", neuron_dim, None),), indices))
+            continue
+        # Fused [experts, hidden, width] (gpt-oss: [experts, width, hidden]); one expert's own: [hidden, width].
+        places = [(f"{module_names[experts.fused]}.down_proj", 0 if experts.fused.is_transposed else 1, expert)]
+        if experts.spec.checkpoint_down:
+            places.append((f"{module_names[adapter.layers[layer]]}."
+                           f"{experts.spec.checkpoint_down.format(expert=expert)}", 1, None))
+        edits.append(_Edit(tuple(places), indices))
+    return edits
 
 
 def _shard_map(source: Path) -> dict[str, str]:
@@ -117,16 +154,26 @@ def _shard_map(source: Path) -> dict[str, str]:
         return dict.fromkeys(handle.keys(), SINGLE_SHARD)
 
 
-def _checkpoint_key(parameter: str, keys: dict[str, str]) -> str:
-    """The checkpoint's name for a parameter: the same, or the same up to a prefix (GPT-2's `transformer.`)."""
+def _checkpoint_key(parameter: str, keys: dict[str, str]) -> str | None:
+    """The checkpoint's name for a parameter: the same, or the same up to a prefix (GPT-2's `transformer.`); None if
+    it has none."""
     matches = [key for key in keys
                if key == parameter or parameter.endswith(f".{key}") or key.endswith(f".{parameter}")]
-    if len(matches) != 1:
+    if len(matches) > 1:
         raise CnaError(f"cannot export: the checkpoint has {len(matches)} tensors matching '{parameter}', expected 1")
-    return matches[0]
+    return matches[0] if matches else None
 
 
-def bake_checkpoint(source: Path, out_dir: Path, edits: dict[str, tuple], multiplier: float) -> None:
+def _place(edit: _Edit, keys: dict[str, str]) -> tuple[str, int, int | None]:
+    for name, neuron_dim, expert in edit.places:
+        key = _checkpoint_key(name, keys)
+        if key is not None:
+            return key, neuron_dim, expert
+    names = " or ".join(f"'{name}'" for name, _, _ in edit.places)
+    raise CnaError(f"cannot export: the checkpoint has 0 tensors matching {names}, expected 1")
+
+
+def bake_checkpoint(source: Path, out_dir: Path, edits: list[_Edit], multiplier: float) -> None:
     """Copy the checkpoint folder to `out_dir`, rewriting only the shards that hold an edited weight."""
     if out_dir.resolve() == source.resolve():
         raise CnaError(f"cannot export into the source checkpoint itself ({source}); choose another folder")
@@ -135,10 +182,10 @@ def bake_checkpoint(source: Path, out_dir: Path, edits: dict[str, tuple], multip
         raise CnaError(f"cannot export: the checkpoint in {source} is quantised "
                        f"({config['quantization_config'].get('quant_method', 'unknown method')})")
     shards = _shard_map(source)
-    by_shard: dict[str, dict[str, tuple]] = {}
-    for parameter, edit in edits.items():
-        key = _checkpoint_key(parameter, shards)
-        by_shard.setdefault(shards[key], {})[key] = edit
+    by_shard: dict[str, dict[str, list[tuple]]] = {}
+    for edit in edits:
+        key, neuron_dim, expert = _place(edit, shards)
+        by_shard.setdefault(shards[key], {}).setdefault(key, []).append((edit.indices, neuron_dim, expert))
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
         if path.is_file() and path.name not in by_shard:
@@ -147,10 +194,11 @@ def bake_checkpoint(source: Path, out_dir: Path, edits: dict[str, tuple], multip
         with safe_open(str(source / shard), framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-        for key, (indices, neuron_dim) in shard_edits.items():
-            weight = tensors[key]
-            index = torch.tensor(indices)
-            weight.index_copy_(neuron_dim, index, _scaled(weight.index_select(neuron_dim, index), multiplier))
+        for key, changes in shard_edits.items():
+            for indices, neuron_dim, expert in changes:
+                weight = tensors[key] if expert is None else tensors[key][expert]  # an expert's slice is a view
+                index = torch.tensor(indices)
+                weight.index_copy_(neuron_dim, index, _scaled(weight.index_select(neuron_dim, index), multiplier))
         save_file(tensors, str(out_dir / shard), metadata=metadata)
 
 

@@ -1,11 +1,15 @@
 """Forward hooks that exist only inside a `with` block.
 
 Every hook cna adds goes through `attached`, which removes it in `finally`, so
-an exception inside the block (or a Ctrl-C) never leaves a model modified.
+an exception inside the block (or a Ctrl-C) never leaves a model modified. A hook with
+its own `attach` is registered by that function: a tap of a fused mixture-of-experts module
+(`cna.experts.expert_tap`) sees each block of expert rows between the gate and down_proj,
+and goes the same way.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,16 +18,20 @@ import torch
 from torch import nn
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
+# The taps attached to each fused experts module (cna.experts runs them): counted by `hook_count` like hooks.
+TAPS: weakref.WeakKeyDictionary[nn.Module, list[Callable]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class Hook:
-    """A function to register on `module`: before its forward (`pre`) or after it."""
+    """A function to register on `module`: before its forward (`pre`) or after it; or by `attach(module, fn)`,
+    which returns a handle with `remove()` (a tap inside a fused experts module: `cna.experts.expert_tap`)."""
 
     module: nn.Module
     fn: Callable
     pre: bool
     with_kwargs: bool = False
+    attach: Callable | None = None
 
 
 @contextmanager
@@ -31,6 +39,9 @@ def attached(hooks: Iterable[Hook]) -> Iterator[None]:
     handles = []
     try:
         for hook in hooks:
+            if hook.attach is not None:
+                handles.append(hook.attach(hook.module, hook.fn))
+                continue
             register = hook.module.register_forward_pre_hook if hook.pre else hook.module.register_forward_hook
             handles.append(register(hook.fn, with_kwargs=hook.with_kwargs))
         yield
@@ -77,8 +88,8 @@ def map_output(module: nn.Module, transform: TensorMap) -> Hook:
 
 
 def hook_count(model: nn.Module) -> int:
-    """How many forward hooks of any kind are registered anywhere in `model` (for leak checks)."""
+    """How many forward hooks of any kind (and expert taps) are registered anywhere in `model` (for leak checks)."""
     return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks)  # torch has no public count of hooks
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(TAPS.get(m, ()))  # torch has no public count
         for m in model.modules()
     )

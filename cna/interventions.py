@@ -9,7 +9,8 @@ block, exception or not.
 
 - `NeuronScale` (CNA): the circuit's neurons become m * x + (1 - m) * c, with
   m = 1 - alpha (or an explicit multiplier, m > 1 amplifies) and c = 0 in
-  `scale` mode, the neuron's negative-set mean in `mean` mode.
+  `scale` mode, the neuron's negative-set mean in `mean` mode. An expert's
+  neuron is changed wherever its expert runs (inside the fused experts, `cna.experts`).
   The random control is `NeuronScale` on `cna.discovery.random_circuit`: as many
   neurons per layer as a given circuit, drawn with a seed.
 - `SteeringVector` (CAA, Rimsky et al. 2024): subtracts alpha * scale * v from
@@ -19,6 +20,10 @@ block, exception or not.
   stream (the embeddings, every attention block's output and every MLP block's
   output), so no block reads it; the same as the weight-orthogonalised model
   (`cna.export.orthogonalised_weights`).
+- `RouterBias` (mixtures of experts, neuron-free): chosen experts' gate logits
+  move by alpha x shift before the router decides (shift < 0 suppresses an
+  expert, > 0 boosts it); the router's own rule then picks the experts and
+  their weights from the shifted logits.
 
 `positions` picks where an intervention acts during generation: `all` tokens,
 the `prompt` only (the prefill pass) or `generated` tokens only (later passes).
@@ -29,11 +34,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 
 import torch
 
-from cna.circuit import Circuit, ResidualDirection
-from cna.errors import ConfigError
+from cna.circuit import Circuit, ExpertChoice, ResidualDirection
+from cna.errors import CnaError, ConfigError
+from cna.experts import expert_tap, reroute
 from cna.export import baked_weights as baked_weights  # re-exported: steering and its baked form
 from cna.export import export_baked_model as export_baked_model
 from cna.export import export_orthogonalised_model as export_orthogonalised_model
@@ -117,7 +124,7 @@ class Intervention(ABC):
             prefill["now"] = is_prompt_pass(args, kwargs)
 
         want_prefill = self.positions == "prompt"
-        gated = [Hook(h.module, _gate(h.fn, lambda: prefill["now"] == want_prefill), h.pre, h.with_kwargs)
+        gated = [replace(h, fn=_gate(h.fn, lambda: prefill["now"] == want_prefill))
                  for h in hooks]
         with attached([Hook(self.adapter.model, note_pass, pre=True, with_kwargs=True), *gated]):
             yield
@@ -166,13 +173,14 @@ class NeuronScale(Intervention):
             )
         self.circuit = circuit
         self.mode = mode
-        self._indices = {
-            layer: torch.tensor([n.index for n in neurons]) for layer, neurons in circuit.by_layer().items()
-        }
-        self._centres = {
-            layer: torch.tensor([n.negative_mean if mode == "mean" else 0.0 for n in neurons],
-                                dtype=torch.float64)
-            for layer, neurons in circuit.by_layer().items()
+        groups: dict[tuple[int, int | None], list] = {}  # (layer, expert): its neurons; expert None: a dense layer
+        for neuron in circuit.neurons:
+            groups.setdefault((neuron.layer, neuron.expert), []).append(neuron)
+        _check_experts(adapter, groups)
+        self._groups = {
+            key: (torch.tensor([n.index for n in neurons]),
+                  torch.tensor([n.negative_mean if mode == "mean" else 0.0 for n in neurons], dtype=torch.float64))
+            for key, neurons in groups.items()
         }
 
     def hooks(self, alpha: float) -> list[Hook]:
@@ -198,21 +206,108 @@ class NeuronScale(Intervention):
         return baked_weights(self.adapter, self.circuit, multiplier)
 
     def _scale_hooks(self, multiplier: float) -> list[Hook]:
-        width = self.adapter.neurons_per_layer
-        hooks = []
-        for layer, indices in self._indices.items():
+        hooks, routed = [], {}
+        for (layer, expert), (indices, centres) in self._groups.items():
+            experts = self.adapter.experts[layer]
+            if experts is not None and expert < experts.n_routed:
+                routed.setdefault(layer, []).append((expert, indices, centres))
+                continue
+            site, width = self._site(layer, expert)
             factor = torch.ones(width, dtype=torch.float64)
             factor[indices] = multiplier
             factors = _DeviceCache(factor)
             if self.mode == "scale":
-                hooks.append(map_input(self.adapter.neuron_sites[layer],
-                                       _in_float32(lambda x, f=factors: x * f.on(x.device))))
+                hooks.append(map_input(site, _in_float32(lambda x, f=factors: x * f.on(x.device))))
                 continue
             offset = torch.zeros(width, dtype=torch.float64)
-            offset[indices] = (1.0 - multiplier) * self._centres[layer]
+            offset[indices] = (1.0 - multiplier) * centres
             offsets = _DeviceCache(offset)
-            hooks.append(map_input(self.adapter.neuron_sites[layer],
-                                   _in_float32(lambda x, f=factors, o=offsets: x * f.on(x.device) + o.on(x.device))))
+            hooks.append(map_input(site, _in_float32(lambda x, f=factors, o=offsets: x * f.on(x.device)
+                                                     + o.on(x.device))))
+        return hooks + [self._routed_hook(layer, groups, multiplier) for layer, groups in routed.items()]
+
+    def _site(self, layer: int, expert: int | None):
+        """The module whose input holds a dense layer's neurons or a shared expert's, and its width."""
+        experts = self.adapter.experts[layer]
+        if experts is not None:
+            return experts.shared, experts.shared_widths[0]
+        layout = self.adapter.layout
+        return self.adapter.neuron_sites[layer], layout.layer_width(layer) if layout else self.adapter.neurons_per_layer
+
+    def _routed_hook(self, layer: int, groups: list, multiplier: float) -> Hook:
+        """A tap inside the fused experts: every row an expert computes is scaled by that expert's factors."""
+        experts = self.adapter.experts[layer]
+        factor = torch.ones(experts.n_routed, experts.width, dtype=torch.float64)
+        offset = torch.zeros(experts.n_routed, experts.width, dtype=torch.float64)
+        for expert, indices, centres in groups:
+            factor[expert, indices] = multiplier
+            offset[expert, indices] = (1.0 - multiplier) * centres
+        factors, offsets = _DeviceCache(factor), _DeviceCache(offset)
+
+        def scale(values: torch.Tensor, chosen: torch.Tensor, _tokens: torch.Tensor) -> torch.Tensor:
+            steered = values.float() * factors.on(values.device)[chosen]
+            if self.mode == "mean":
+                steered = steered + offsets.on(values.device)[chosen]
+            return steered.to(values.dtype)
+
+        return expert_tap(experts.fused, scale)
+
+
+def _check_experts(adapter: ArchitectureAdapter, groups: dict) -> None:
+    """Every (layer, expert) of a circuit exists in the model: dense neurons in dense layers, experts in MoE layers."""
+    for (layer, expert), neurons in groups.items():
+        if adapter.layout is None:
+            if expert is not None:
+                raise ConfigError(f"circuit neuron ({layer}, expert {expert}) is an expert's, but {adapter.model_type} "
+                                  "has no experts")
+            continue
+        try:
+            for neuron in neurons:
+                adapter.layout.flat(layer, expert, neuron.index)
+        except CnaError as error:
+            raise ConfigError(f"circuit does not fit the model: {error}") from error
+
+
+class RouterBias(Intervention):
+    """The router baseline: chosen experts' gate logits shifted by alpha x shift, then routed by the router's rule.
+
+    No neuron is touched: the experts that run (and their weights) change. alpha = 0 shifts nothing and the rule
+    is redone op for op, so the model is bit-identical.
+    """
+
+    def __init__(self, adapter: ArchitectureAdapter, choice: ExpertChoice, *, positions: str = "all"):
+        super().__init__(adapter, positions)
+        if not adapter.has_experts:
+            raise ConfigError(f"method router: model_type '{adapter.model_type}' has no routed experts")
+        self.choice = choice
+        self._shifts: dict[int, torch.Tensor] = {}
+        for layer, entries in choice.by_layer().items():
+            experts = adapter.experts[layer] if 0 <= layer < adapter.n_layers else None
+            if experts is None:
+                raise ConfigError(f"method router: layer {layer} has no routed experts")
+            shift = torch.zeros(experts.n_routed, dtype=torch.float64)
+            for entry in entries:
+                if not 0 <= entry["expert"] < experts.n_routed:
+                    raise ConfigError(f"method router: layer {layer} has no expert {entry['expert']}")
+                shift[entry["expert"]] = entry["shift"]
+            self._shifts[layer] = shift
+
+    def first_steered_layer(self) -> int | None:
+        return min(self._shifts)  # routing changes inside layer L's MoE block
+
+    def hooks(self, alpha: float) -> list[Hook]:
+        hooks = []
+        for layer, shift in self._shifts.items():
+            experts = self.adapter.experts[layer]
+            offsets = _DeviceCache(alpha * shift)
+
+            def rerouted(_module, _args, output, experts=experts, offsets=offsets):
+                logits = output[0]
+                shifted = (logits.float() + offsets.on(logits.device)).to(logits.dtype)
+                weights, chosen = reroute(experts, shifted)
+                return (shifted, weights, chosen, *output[3:])
+
+            hooks.append(Hook(experts.router, rerouted, pre=False))
         return hooks
 
 

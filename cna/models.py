@@ -4,6 +4,8 @@ A *neuron* of layer l is one coordinate of the input to that layer's MLP output
 projection (`down_proj` in gated MLPs: act(gate_proj x) * up_proj x). The
 adapter finds, for each supported family, the decoder layers, that projection
 (the *neuron site*) and the residual stream after each layer (the layer's output).
+In mixture-of-experts layers a neuron is (expert, j), read inside the fused experts
+(`cna.experts`); the adapter's `layout` says where each expert's neurons sit.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from cna.errors import CnaError, ConfigError
+from cna.experts import ExpertsSpec, LayerExperts, NeuronLayout, find_experts, layer_spec
 
 MODEL_CACHE_ENV = "CNA_MODEL_CACHE"
 DEFAULT_MODEL_CACHE = "~/.cache/cna-models"  # where `make models` / `make demo` fetch to
@@ -38,6 +41,7 @@ class Family:
     mlp_out: str | None = None  # the same for the MLP block; None: the neuron site (its output is the MLP's)
     position_embeddings: str | None = None  # learned absolute positions, added to the token embeddings
     conv1d: bool = False  # GPT-2's Conv1D stores its weight as [in, out] instead of nn.Linear's [out, in]
+    experts: ExpertsSpec | None = None  # mixture-of-experts layers (layers without the fused module stay dense)
 
 
 _GATED = Family("model.layers", "mlp.down_proj", "self_attn.o_proj")
@@ -62,6 +66,19 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense"),
     "opt": Family("model.decoder.layers", "fc2", "self_attn.out_proj",
                   position_embeddings="model.decoder.embed_positions"),
+    # Mixtures of experts: the MLP block ("mlp") is what writes to the residual; dense layers (DeepSeek-V3's first
+    # ones, Qwen-MoE's mlp_only_layers) keep their down_proj as the neuron site.
+    "qwen2_moe": Family("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp",
+                        experts=ExpertsSpec(shared="mlp.shared_expert.down_proj")),
+    "qwen3_moe": Family("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp", experts=ExpertsSpec()),
+    "mixtral": Family("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp",
+                      experts=ExpertsSpec(routing="mixtral",
+                                          checkpoint_down="block_sparse_moe.experts.{expert}.w2.weight")),
+    "olmoe": Family("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp", experts=ExpertsSpec()),
+    "deepseek_v3": Family("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp",
+                          experts=ExpertsSpec(routing="grouped_sigmoid", shared="mlp.shared_experts.down_proj")),
+    "gpt_oss": Family("model.layers", "mlp.experts", "self_attn.o_proj", "mlp",
+                      experts=ExpertsSpec(router="mlp.router", routing="topk_softmax", checkpoint_down=None)),
 }
 
 
@@ -83,18 +100,34 @@ class ArchitectureAdapter:
         self.model_type = model_type
         self.family = family
         self.layers: list[nn.Module] = list(model.get_submodule(family.layers))
-        self.neuron_sites: list[nn.Module] = [layer.get_submodule(family.neuron_site) for layer in self.layers]
+        # Per layer, its MoE modules, or None where the layer is dense (every layer of a dense family).
+        self.experts: list[LayerExperts | None] = [
+            find_experts(layer, family.experts) if family.experts else None for layer in self.layers]
+        # A MoE layer's neuron site is its fused experts module: its neurons are read inside it (cna.experts).
+        self.neuron_sites: list[nn.Module] = [
+            experts.fused if experts else layer.get_submodule(family.neuron_site)
+            for layer, experts in zip(self.layers, self.experts, strict=True)]
         self.n_layers = len(self.layers)
         # Per layer, the modules whose outputs the attention block and the MLP block add to the residual stream.
         self.block_outputs: list[tuple[nn.Module, nn.Module]] = [
             (layer.get_submodule(family.attention_out), layer.get_submodule(family.mlp_out or family.neuron_site))
             for layer in self.layers]
-        self.neurons_per_layer = _site_width(self.neuron_sites[0])
+        # Where each layer's neurons sit (None for dense families: neuron j of every layer is coordinate j).
+        self.layout: NeuronLayout | None = None
+        if family.experts:
+            self.layout = NeuronLayout(tuple(layer_spec(experts, None if experts else _site_width(site))
+                                             for experts, site in zip(self.experts, self.neuron_sites, strict=True)))
+        self.neurons_per_layer = self.layout.width if self.layout else _site_width(self.neuron_sites[0])
         self.hidden_size = model.get_input_embeddings().weight.shape[1]
 
     @property
     def total_neurons(self) -> int:
-        return self.n_layers * self.neurons_per_layer
+        """Every neuron, dense, routed and shared alike (a padded layer's padding is not counted)."""
+        return self.layout.total if self.layout else self.n_layers * self.neurons_per_layer
+
+    @property
+    def has_experts(self) -> bool:
+        return any(experts is not None for experts in self.experts)
 
     @property
     def input_device(self) -> torch.device:
@@ -120,6 +153,34 @@ class ArchitectureAdapter:
                            "export from the checkpoint on disk instead")
         weight = site.weight
         return weight if self.family.conv1d else weight.t()
+
+    def expert_weights(self, layer: int, expert: int | None) -> torch.Tensor:
+        """[neurons, hidden]: row j is what neuron j of the expert writes (a view of the weight in memory); expert
+        None is a dense layer's MLP, as `neuron_weights`. Routed experts are slices of the fused down_proj."""
+        experts = self.experts[layer]
+        if experts is None:
+            if expert is not None:
+                raise CnaError(f"layer {layer} is dense: it has no expert {expert}")
+            return self.neuron_weights(layer)
+        routed = expert is not None and expert < experts.n_routed
+        module = experts.fused if routed else experts.shared
+        if expert is None or module is None or expert >= experts.n_routed + len(experts.shared_widths):
+            raise CnaError(f"layer {layer} has no expert {expert} ({experts.n_routed} routed, "
+                           f"{len(experts.shared_widths)} shared)")
+        # A fused module has no `weight`: its quantisation shows in the model config or the tensor's dtype.
+        quantised = is_quantized(module) if routed else is_quantized_module(module)
+        if quantised:
+            raise CnaError(f"layer {layer}'s expert weights are quantised; bake a full-precision model")
+        if is_offloaded(module):
+            raise CnaError(f"layer {layer}'s expert weights are offloaded (device_map put them on cpu or disk); "
+                           "export from the checkpoint on disk instead")
+        return experts.down_view(expert) if routed else module.weight.t()
+
+    def write_views(self, layer: int) -> list[tuple[int, torch.Tensor]]:
+        """(offset on the layer's neuron axis, `expert_weights` view) for every expert of the layer (one for dense)."""
+        if self.layout is None:
+            return [(0, self.neuron_weights(layer))]
+        return [(block.offset, self.expert_weights(layer, block.expert)) for block in self.layout.blocks[layer]]
 
 
 def _site_width(site: nn.Module) -> int:
@@ -240,10 +301,59 @@ class ModelShape:
 
     n_layers: int
     neurons_per_layer: int | None  # None when the config does not say (checked again once the model loads)
+    # Mixtures of experts: each layer's neurons (routed + shared experts; dense layers their MLP's), the routed
+    # experts of a MoE layer and their width, and which layers have experts. None / () for dense models.
+    layer_neurons: tuple[int, ...] | None = None
+    experts: int | None = None
+    expert_width: int | None = None
+    moe_layers: tuple[int, ...] = ()
+
+    def neurons_in(self, start: int, stop: int) -> int | None:
+        """The neurons in layers [start, stop), or None where the config does not say."""
+        if self.layer_neurons is not None:
+            return sum(self.layer_neurons[start:stop])
+        return None if self.neurons_per_layer is None else (stop - start) * self.neurons_per_layer
+
+
+def _int(config: dict, key: str, default: int | None = None) -> int | None:
+    value = config.get(key, default)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _moe_layout(config: dict, n_layers: int) -> tuple[int, int, list[int], list[int], int | None] | None:
+    """(routed experts, their width, shared widths, MoE layers, dense layers' width) from a MoE family's config.json,
+    with transformers' defaults for keys it leaves out; None for other families or a config missing a key."""
+    model_type = config.get("model_type")
+    # The hub's files and transformers 5's own (which writes some families' count under its alias) differ.
+    routed = next((_int(config, key) for key in ("num_experts", "num_local_experts", "n_routed_experts")
+                   if key in config), None)
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        width, step = _int(config, "moe_intermediate_size"), _int(config, "decoder_sparse_step", 1)
+        shared = [_int(config, "shared_expert_intermediate_size")] if model_type == "qwen2_moe" else []
+        dense_only = config.get("mlp_only_layers") or []
+        moe = [layer for layer in range(n_layers) if routed and step and layer not in dense_only
+               and (layer + 1) % step == 0]
+        dense = _int(config, "intermediate_size")
+    elif model_type in ("mixtral", "olmoe", "gpt_oss"):
+        width, shared, moe, dense = _int(config, "intermediate_size"), [], list(range(n_layers)), None
+    elif model_type == "deepseek_v3":
+        width = _int(config, "moe_intermediate_size")
+        shared_count = _int(config, "n_shared_experts", 1)
+        shared = [width * shared_count] if width and shared_count else []
+        moe = list(range(_int(config, "first_k_dense_replace", 3) or 0, n_layers))
+        dense = _int(config, "intermediate_size")
+    else:
+        return None
+    if routed is None or width is None or None in shared:
+        return None
+    return routed, width, shared, moe, dense
 
 
 def read_model_shape(config_path: Path) -> ModelShape | None:
-    """Depth and MLP width from a config.json, whatever each family calls them; None if it names no depth."""
+    """Depth and MLP width from a config.json, whatever each family calls them; None if it names no depth.
+
+    Mixtures of experts count every routed and shared expert's neurons (and dense layers' MLP neurons).
+    """
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -254,6 +364,13 @@ def read_model_shape(config_path: Path) -> ModelShape | None:
     n_layers = next((config[key] for key in ("num_hidden_layers", "n_layer", "num_layers") if key in config), None)
     if not isinstance(n_layers, int):
         return None
+    moe = _moe_layout(config, n_layers)
+    if moe is not None:
+        routed, width, shared, moe_layers, dense = moe
+        per_layer = tuple(routed * width + sum(shared) if layer in moe_layers else dense for layer in range(n_layers))
+        if None in per_layer:
+            return ModelShape(n_layers, None)
+        return ModelShape(n_layers, max(per_layer), per_layer, routed, width, tuple(moe_layers))
     width = next((config[key] for key in ("intermediate_size", "n_inner", "ffn_dim") if config.get(key)), None)
     if width is None and isinstance(config.get("n_embd"), int):
         width = 4 * config["n_embd"]  # GPT-2 and GPT-J leave n_inner null for 4 x the hidden size
@@ -335,7 +452,7 @@ def activation_identity_of(model: nn.Module, *, source: str | None = None, revis
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
-    return {
+    identity = {
         "source": source or getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None),
         "revision": revision,
         "dtype": str(model.dtype),
@@ -343,6 +460,11 @@ def activation_identity_of(model: nn.Module, *, source: str | None = None, revis
         "attention": getattr(config, "_attn_implementation", None),
         "device": input_device(model).type,
     }
+    # A mixture of experts' kernel changes sums in the last bits (dense models' keys are unchanged).
+    family = FAMILIES.get(getattr(config, "model_type", None))
+    if family is not None and family.experts:
+        identity["experts"] = getattr(config, "_experts_implementation", None)
+    return identity
 
 
 def _plain(value):

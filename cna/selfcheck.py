@@ -1,6 +1,6 @@
 """The big-model check list, run on whatever machine this is: `python -m cna.selfcheck` (`make gpu-check`).
 
-A few minutes with a tiny random Llama, plus a real small model where one is found
+A few minutes with a tiny random Llama (and the tiny mixtures of experts), plus a real small model where one is found
 (`--model DIR`, else `$CNA_MODEL_CACHE/smollm2-135m-instruct`). Each check prints
 `pass`, `FAIL` or `skipped: <why>` (no CUDA, one GPU, flash-attention not installed):
 a skipped check is never counted as passed. The exit status is 1 when any check fails.
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from cna.batching import pad_batch
+from cna.circuit import ExpertChoice
 from cna.discovery import (
     collect_statistics,
     contrastive_scores,
@@ -34,9 +35,9 @@ from cna.evaluation.mmlu import letter_token_ids
 from cna.evaluation.scoring import next_token_logprobs
 from cna.export import export_baked_model
 from cna.generation import generate
-from cna.interventions import POSITIONS, DirectionAblation, NeuronScale, SteeringVector
+from cna.interventions import POSITIONS, DirectionAblation, NeuronScale, RouterBias, SteeringVector
 from cna.models import MODEL_CACHE_ENV, ArchitectureAdapter, input_device, model_cache
-from cna.tiny import VOCAB, write_tiny_model
+from cna.tiny import MOE_CONFIGS, VOCAB, tiny_moe, write_tiny_model
 
 REAL_MODEL = "smollm2-135m-instruct"
 # At most this share of MMLU questions may have a tie for the top letter logit in bfloat16 (arg-max then picks A).
@@ -237,6 +238,32 @@ def top_counts_cpu_vs_cuda(folder: Path, vocab: int) -> Outcome:
     return _passed(differing == 0, f"{differing} neurons count differently")
 
 
+def moe_alpha_zero_identity(_folder: Path, vocab: int) -> Outcome:
+    """Mixtures of experts (every tiny family) in bf16: alpha = 0 leaves logits and generations exactly as unsteered
+    under each experts kernel (on CUDA, grouped_mm runs torch's grouped GEMM)."""
+    prompts, broken, runs = _prompts(4, seed=12, vocab=vocab), [], 0
+    for family in MOE_CONFIGS:
+        model = tiny_moe(family).to(torch.bfloat16).to(_device())
+        adapter = ArchitectureAdapter(model)
+        statistics = [_statistics(adapter, _prompts(8, seed, vocab=vocab)) for seed in (13, 14)]
+        circuit = select_circuit(contrastive_scores(*statistics), model="selfcheck", k=24)
+        choice = ExpertChoice("selfcheck", "router", [{"layer": adapter.n_layers - 1, "expert": 1, "shift": -10.0}],
+                              adapter.n_layers, adapter.layout.n_routed)
+        for kernel in ("eager", "batched_mm", "grouped_mm"):
+            model.set_experts_implementation(kernel)
+            plain_logits, plain_text = _logits(model, prompts), _greedy(model, prompts)
+            steering = {"cna": NeuronScale(adapter, circuit), "router": RouterBias(adapter, choice),
+                        "cna-mean-prompt": NeuronScale(adapter, circuit, mode="mean", positions="prompt")}
+            for name, intervention in steering.items():
+                runs += 1
+                with intervention.steer(0.0):
+                    if not (torch.equal(_logits(model, prompts), plain_logits)
+                            and _greedy(model, prompts) == plain_text):
+                        broken.append(f"{family}/{kernel}/{name}")
+    return _passed(not broken, f"{_device().type}, {runs} family x kernel x intervention runs"
+                   + (f"; differs: {', '.join(broken)}" if broken else ""))
+
+
 TINY_CHECKS: dict[str, Callable[[Path, int], Outcome]] = {
     "alpha = 0 bit-identical in bf16": alpha_zero_identity,
     "two-GPU sharding = one GPU": two_gpu_sharding,
@@ -247,6 +274,7 @@ TINY_CHECKS: dict[str, Callable[[Path, int], Outcome]] = {
     "mean position finite, flash-attention 2": mean_position("flash_attention_2"),
     "MMLU letter ties in bf16": mmlu_ties,
     "top_counts CPU = CUDA": top_counts_cpu_vs_cuda,
+    "MoE alpha = 0 bit-identical in bf16, every kernel": moe_alpha_zero_identity,
 }
 REAL_CHECKS = ("alpha = 0 bit-identical in bf16", "mean position finite, SDPA",
                "mean position finite, flash-attention 2", "MMLU letter ties in bf16")

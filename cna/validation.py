@@ -126,7 +126,7 @@ def _validate_model(job: JobConfig, method: SteeringMethod) -> None:
         return  # the depth and width checks run once the model has loaded
     shape = read_model_shape(config)
     if shape is not None:
-        method.check_shape(shape.n_layers, shape.neurons_per_layer, model.name)
+        method.check_model_shape(shape, model.name)
 
 
 def _require_hub(job: JobConfig) -> None:

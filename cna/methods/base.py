@@ -15,13 +15,13 @@ from typing import Any, ClassVar
 
 from cna.attribution import GradientStatistics, collect_gradients
 from cna.cache import StatisticsCache, statistics_key
-from cna.circuit import Circuit, ResidualDirection
+from cna.circuit import Circuit, ExpertChoice, ResidualDirection
 from cna.data import PromptSource, encode_prompts, prompt_sets_sha256
 from cna.discovery import DISCOVERY_TOKEN_BUDGET, ActivationStatistics, collect_statistics
 from cna.interventions import Intervention
-from cna.models import ArchitectureAdapter, activation_identity_of
+from cna.models import ArchitectureAdapter, ModelShape, activation_identity_of
 
-Found = Circuit | ResidualDirection
+Found = Circuit | ResidualDirection | ExpertChoice  # ExpertChoice: the router baseline's (mixtures of experts)
 
 
 @dataclass
@@ -111,6 +111,11 @@ class SteeringMethod(ABC):
 
     def check_shape(self, n_layers: int, neurons_per_layer: int | None, model_name: str) -> None:  # noqa: B027
         """Raise ConfigError where the settings do not fit a model of this shape (read from its config.json)."""
+
+    def check_model_shape(self, shape: ModelShape, model_name: str) -> None:
+        """`check_shape` with all config.json says, a mixture of experts' layers and experts too (validation calls
+        this; methods that count experts or expert neurons override it)."""
+        self.check_shape(shape.n_layers, shape.neurons_per_layer, model_name)
 
     def filter_statistics(self, statistics: Statistics) -> ActivationStatistics | None:
         """The statistics behind a filter that depends on the model alone (the universal-neuron filter), or None."""

@@ -30,7 +30,7 @@ from cna.interventions import NEURON_MODES, NeuronScale
 from cna.interventions import POSITIONS as STEERED_POSITIONS
 from cna.methods import register_method
 from cna.methods.base import DiscoverySets, Statistics, SteeringMethod
-from cna.models import ArchitectureAdapter
+from cna.models import ArchitectureAdapter, ModelShape
 from cna.schema import bounded, choice
 
 DEFAULT_REFUSAL_STARTS = ["I'm sorry", "I cannot", "I can't", "Sorry"]
@@ -109,14 +109,18 @@ class CnaMethod(SteeringMethod):
         check_layer_range(config.layers)
 
     def check_shape(self, n_layers: int, neurons_per_layer: int | None, model_name: str) -> None:
-        config = self.config
+        self.check_model_shape(ModelShape(n_layers, neurons_per_layer), model_name)
+
+    def check_model_shape(self, shape: ModelShape, model_name: str) -> None:
+        config, n_layers = self.config, shape.n_layers
         start, stop = resolve_layer_range(config.layers, n_layers) or (0, n_layers)
-        if config.k is not None and neurons_per_layer is not None:
-            available = (stop - start) * neurons_per_layer
+        available = shape.neurons_in(start, stop)  # a mixture of experts: routed and shared experts' neurons
+        if config.k is not None and available is not None:
             where = f"layers [{start}, {stop})" if config.layers is not None else f"{n_layers} layers"
+            per_layer = "with their routed and shared experts" if shape.moe_layers else f"x {shape.neurons_per_layer}"
             if config.k > available:
-                raise ConfigError(f"method.k: expected at most {available} (the MLP neurons in {where} x "
-                                  f"{neurons_per_layer} of {model_name}), got {config.k!r}")
+                raise ConfigError(f"method.k: expected at most {available} (the MLP neurons in {where} {per_layer} "
+                                  f"of {model_name}), got {config.k!r}")
 
     def filter_statistics(self, statistics: Statistics) -> ActivationStatistics | None:
         """The diverse prompts' statistics behind the universal filter: they depend on the model alone, so one

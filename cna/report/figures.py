@@ -26,7 +26,7 @@ def _marker(method: str) -> str:
 
 
 FIGURES = ("refusal_quality_vs_alpha", "mmlu_vs_alpha", "kl_vs_alpha", "over_refusal_vs_alpha", "refusal_vs_kl",
-           "layer_histogram", "circuit_overlap", "judge_vs_keyword")
+           "layer_histogram", "expert_histogram", "circuit_overlap", "judge_vs_keyword")
 
 
 def _colours(runs: list[Run]) -> dict[int, tuple]:
@@ -201,6 +201,36 @@ def plot_layer_histogram(runs: list[Run], path: Path) -> Path:
     return _save(fig, path)
 
 
+def expert_matrix(circuit) -> tuple[np.ndarray, list[str]]:
+    """Neurons per (layer, expert) of a MoE circuit: [layers, routed experts + shared + dense], and column labels."""
+    layout = circuit.experts["layout"]
+    routed = max((spec.get("experts", 0) for spec in layout), default=0)
+    labels = [str(e) for e in range(routed)] + ["shared", "dense"]
+    matrix = np.zeros((circuit.n_layers, routed + 2), dtype=int)
+    for (layer, expert), count in circuit.expert_counts.items():
+        column = routed + 1 if expert is None else min(expert, routed)  # every shared expert in one column
+        matrix[layer, column] += count
+    return matrix, labels
+
+
+def plot_expert_histogram(runs: list[Run], path: Path) -> Path:
+    """Neurons per (layer, expert), one heatmap per circuit of a mixture of experts (the expert axis)."""
+    circuits = [run for run in neuron_runs(runs) if run.circuit.experts is not None]
+    fig = Figure(figsize=(6.5, 3.2 * len(circuits)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(circuits), 1, squeeze=False)).ravel()
+    for ax, run in zip(axes, circuits, strict=True):
+        matrix, labels = expert_matrix(run.circuit)
+        image = ax.imshow(matrix, cmap="Blues", aspect="auto", interpolation="nearest", vmin=0)
+        step = max(1, len(labels) // 16)
+        ax.set_xticks(range(0, len(labels), step), labels[::step], fontsize=7)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{run.two_line_display}  k={run.circuit.k}: neurons per (layer, expert)", fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return _save(fig, path)
+
+
 def plot_circuit_overlap(runs: list[Run], path: Path) -> Path:
     circuits = neuron_runs(runs)
     matrix = overlap_matrix([run.circuit for run in circuits])
@@ -217,7 +247,7 @@ def plot_circuit_overlap(runs: list[Run], path: Path) -> Path:
         for j in range(n):
             ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=9 if n <= 8 else 7,
                     color="white" if matrix[i, j] > threshold else "black")
-    ax.set_title("Shared neurons |A ∩ B| (layer, index); diagonal = k", fontsize=10)
+    ax.set_title("Shared neurons |A ∩ B| (layer, [expert,] index); diagonal = k", fontsize=10)
     fig.colorbar(image, ax=ax, shrink=0.8)
     return _save(fig, path)
 
@@ -249,6 +279,8 @@ def draw_figures(runs: list[Run], out: Path) -> dict[str, Path]:
         figure("refusal_vs_kl", lambda p: plot_refusal_vs_kl(runs, p))
     if neuron_runs(runs):
         figure("layer_histogram", lambda p: plot_layer_histogram(runs, p))
+    if any(run.circuit.experts is not None for run in neuron_runs(runs)):
+        figure("expert_histogram", lambda p: plot_expert_histogram(runs, p))
     if len(neuron_runs(runs)) >= 2:
         figure("circuit_overlap", lambda p: plot_circuit_overlap(runs, p))
     return written
