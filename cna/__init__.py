@@ -29,6 +29,7 @@ from cna.api import (
 from cna.circuit import Circuit, Neuron, ResidualDirection
 from cna.data import read_prompt_file as read_prompts
 from cna.errors import CnaError, ConfigError
+from cna.evaluation.compliance import Compliance
 from cna.evaluation.kl import Kl
 from cna.evaluation.metric import Metric, register_metric
 from cna.evaluation.mmlu import Mmlu, MmluQuestion, load_mmlu_folder, stratified_sample
@@ -39,9 +40,9 @@ from cna.interventions import Intervention
 from cna.methods import register_method
 from cna.methods.base import SteeringMethod
 
-__all__ = ["Circuit", "CnaError", "ConfigError", "Intervention", "Kl", "Metric", "Mmlu", "MmluQuestion", "Neuron",
-           "OverRefusal", "Quality", "Refusal", "ResidualDirection", "Results", "SteeringMethod", "caa", "direction",
-           "discover", "evaluate", "export_baked", "export_orthogonalised", "generate", "intervention_for",
-           "load_mmlu_folder", "load_model", "read_prompts", "register_metric", "register_method", "steer",
-           "stratified_sample"]
+__all__ = ["Circuit", "CnaError", "Compliance", "ConfigError", "Intervention", "Kl", "Metric", "Mmlu",
+           "MmluQuestion", "Neuron", "OverRefusal", "Quality", "Refusal", "ResidualDirection", "Results",
+           "SteeringMethod", "caa", "direction", "discover", "evaluate", "export_baked", "export_orthogonalised",
+           "generate", "intervention_for", "load_mmlu_folder", "load_model", "read_prompts", "register_metric",
+           "register_method", "steer", "stratified_sample"]
 __version__ = "0.1.0"

@@ -38,6 +38,7 @@ from cna.methods.cna import CnaConfig, UniversalConfig
 from cna.methods.direction import DirectionConfig
 from cna.models import ArchitectureAdapter, ModelSpec, model_cache
 from cna.models import load_model as load_spec
+from cna.reasoning import reasoning_format
 from cna.run_folder import Point
 from cna.schema import check_settings
 
@@ -175,11 +176,25 @@ def steer(model, found: Found | Intervention, alpha: float = 1.0, *, multiplier:
     return intervention.steer(alpha) if multiplier is None else intervention.multiply(multiplier)
 
 
+def _presentation(tokenizer, system_prompt: str | None, chat_template_kwargs: dict | None, reasoning: str,
+                  reasoning_tokens: int) -> dict:
+    """Session settings for how prompts are presented and answers read (cna.reasoning)."""
+    return {"system_prompt": system_prompt, "template_kwargs": chat_template_kwargs,
+            "reasoning": reasoning_format(tokenizer, reasoning), "reasoning_tokens": reasoning_tokens}
+
+
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 48, template: str = "chat",
-             batch_size: int = 16, progress: bool = True) -> list[str]:
-    """Greedy responses, batched (finished rows make room for waiting prompts); under whatever steering is active."""
+             batch_size: int = 16, progress: bool = True, system_prompt: str | None = None,
+             chat_template_kwargs: dict | None = None, reasoning: str = "auto",
+             reasoning_tokens: int = 1024) -> list[str]:
+    """Greedy responses, batched (finished rows make room for waiting prompts); under whatever steering is active.
+
+    `system_prompt` and `chat_template_kwargs` (e.g. {"enable_thinking": False}) go to the chat template; a thinking
+    model's reasoning block stays in the response, bounded by `reasoning_tokens`, and `max_new_tokens` bounds the
+    answer after it (`reasoning`: auto, none, think or harmony)."""
     session = Session(model, tokenizer, template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      progress=progress)
+                      progress=progress, **_presentation(tokenizer, system_prompt, chat_template_kwargs, reasoning,
+                                                         reasoning_tokens))
     return session.generate(prompts, "generation")
 
 
@@ -206,17 +221,20 @@ class Results:
 def evaluate(model, tokenizer, metrics: Sequence[Metric], alphas: Sequence[float] = (0.0, 1.0),
              intervention: Found | Intervention | None = None, *, multipliers: Sequence[float] | None = None,
              template: str = "chat", max_new_tokens: int = 48, batch_size: int = 16, progress: bool = True,
-             **steering) -> Results:
+             system_prompt: str | None = None, chat_template_kwargs: dict | None = None, reasoning: str = "auto",
+             reasoning_tokens: int = 1024, **steering) -> Results:
     """Every metric at every strength under the intervention (a circuit, a direction or an Intervention).
 
     Metrics are objects holding their data, e.g. `cna.Refusal(goals)`, `cna.OverRefusal({"benign": prompts})`,
     `cna.Quality(goals)`, `cna.Mmlu(questions)`, `cna.Kl(harmless)`. With `multipliers`, the points are m values
-    (circuits only). `steering` settings go to the intervention as in `steer`.
+    (circuits only). `steering` settings go to the intervention as in `steer`; the prompt presentation and reasoning
+    settings are `generate`'s. Classifiers and judges read each answer with any reasoning block removed.
     """
     if intervention is not None and not isinstance(intervention, Intervention):
         intervention = intervention_for(model, intervention, **steering)
     session = Session(model, tokenizer, template=template, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                      progress=progress)
+                      progress=progress, **_presentation(tokenizer, system_prompt, chat_template_kwargs, reasoning,
+                                                         reasoning_tokens))
     evaluator = Evaluator(session, list(metrics))
     evaluator.setup()
     strengths = ([(1.0 - m, m) for m in multipliers] if multipliers is not None

@@ -41,7 +41,13 @@ from tqdm.auto import tqdm
 
 from cna.batching import last_token_index, length_sorted_batches, pad_batch, position_ids
 from cna.data import PromptSource, load_prompts, packaged_rows
-from cna.discovery import DISCOVERY_TOKEN_BUDGET, ActivationStatistics, NeuronScores, contrastive_scores
+from cna.discovery import (
+    DISCOVERY_TOKEN_BUDGET,
+    ActivationStatistics,
+    NeuronScores,
+    columns_by_layer,
+    contrastive_scores,
+)
 from cna.errors import ConfigError
 from cna.experts import expert_tap
 from cna.hooks import attached, map_input
@@ -88,25 +94,22 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def collect_gradients(
-    adapter: ArchitectureAdapter,
-    prompts: Sequence[Sequence[int]],
-    metric: Metric,
-    *,
-    pad_token_id: int,
-    batch_size: int = 16,
-    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
-    progress: bool = True,
-    desc: str = "attribution",
-) -> GradientStatistics:
-    """Stream sum a x dM/da and sum dM/da over `prompts`, for every neuron at the last prompt token.
+# (the batch's prompt indices, the layer, its columns on the layer's neuron axis, the last-token activations
+# [B, columns] and dM/da [B, columns], float64 on the cpu) -> None; called once per neuron site and batch
+BatchGradients = Callable[[list[int], int, slice, torch.Tensor, torch.Tensor], None]
+
+
+def _gradient_pass(adapter: ArchitectureAdapter, prompts: Sequence[Sequence[int]], metric: Metric,
+                   consume: BatchGradients, *, pad_token_id: int, batch_size: int, max_batch_tokens: int | None,
+                   progress: bool, desc: str) -> None:
+    """One forward and backward pass per batch; `consume` gets each neuron site's last-token activations and
+    gradients (a dense layer's site, or a MoE layer's routed experts and its shared experts, one block each).
 
     In MoE layers a routed expert's neuron is opened only where the router chose the expert (elsewhere it computes
     nothing, and its gradient is 0); shared experts' neurons are opened as a dense layer's.
     """
     if not prompts:
         raise ConfigError(f"{desc}: the prompt set is empty")
-    n_layers, width = adapter.n_layers, adapter.neurons_per_layer
     last: dict[str, torch.Tensor] = {}
     openings: list[_Opening] = []
 
@@ -152,8 +155,6 @@ def collect_gradients(
     batches = list(length_sorted_batches(prompts, batch_size, max_batch_tokens))
     # Gradients even when called under inference_mode (which enable_grad alone does not undo) or no_grad.
     with frozen_parameters(adapter.model), attached(hooks), torch.inference_mode(False), torch.enable_grad():
-        activation_gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)  # not inference tensors
-        gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
         for rows in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             # Left padding puts every prompt's last token in the final column: one logit row each.
             ids, mask = pad_batch([prompts[i] for i in rows], pad_token_id, "left")
@@ -167,11 +168,8 @@ def collect_gradients(
             for opening, gradient in zip(openings, gradients, strict=True):
                 gradient = gradient.detach().double().cpu().flatten(1)
                 columns = slice(opening.offset, opening.offset + gradient.shape[1])
-                activation_gradient_sum[opening.layer, columns] += (
-                    opening.values.double().cpu().flatten(1) * gradient).sum(0)
-                gradient_sum[opening.layer, columns] += gradient.sum(0)
+                consume(list(rows), opening.layer, columns, opening.values.double().cpu().flatten(1), gradient)
                 opening.values = opening.perturbation = None
-    return GradientStatistics(len(prompts), activation_gradient_sum, gradient_sum)
 
 
 @dataclass
@@ -183,6 +181,68 @@ class _Opening:
     offset: int
     values: torch.Tensor | None = None
     perturbation: torch.Tensor | None = None
+
+
+def collect_gradients(
+    adapter: ArchitectureAdapter,
+    prompts: Sequence[Sequence[int]],
+    metric: Metric,
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
+    progress: bool = True,
+    desc: str = "attribution",
+) -> GradientStatistics:
+    """Stream sum a x dM/da and sum dM/da over `prompts`, for every neuron at the last prompt token (expert
+    neurons included, as `_gradient_pass` opens them)."""
+    n_layers, width = adapter.n_layers, adapter.neurons_per_layer
+    with torch.inference_mode(False):  # not inference tensors, whatever mode the caller is in
+        activation_gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
+        gradient_sum = torch.zeros(n_layers, width, dtype=torch.float64)
+
+    def add(_rows: list[int], layer: int, columns: slice, value: torch.Tensor, gradient: torch.Tensor) -> None:
+        activation_gradient_sum[layer, columns] += (value * gradient).sum(0)
+        gradient_sum[layer, columns] += gradient.sum(0)
+
+    _gradient_pass(adapter, prompts, metric, add, pad_token_id=pad_token_id, batch_size=batch_size,
+                   max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+    return GradientStatistics(len(prompts), activation_gradient_sum, gradient_sum)
+
+
+def collect_prompt_gradients(
+    adapter: ArchitectureAdapter,
+    prompts: Sequence[Sequence[int]],
+    metric: Metric,
+    neurons: torch.Tensor,
+    *,
+    pad_token_id: int,
+    batch_size: int = 16,
+    max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET,
+    progress: bool = True,
+    desc: str = "attribution per prompt",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """a x dM/da and dM/da of the chosen `neurons` (flat ids, layer x neurons_per_layer + index) for each prompt:
+    two [prompts, neurons] float64 tensors whose column sums are `collect_gradients`' sums for those neurons (what
+    resampling needs)."""
+    columns = columns_by_layer(neurons, adapter.neurons_per_layer)
+    with torch.inference_mode(False):
+        activation_gradient = torch.zeros(len(prompts), len(neurons), dtype=torch.float64)
+        gradient = torch.zeros(len(prompts), len(neurons), dtype=torch.float64)
+
+    def keep(rows: list[int], layer: int, block: slice, value: torch.Tensor, slope: torch.Tensor) -> None:
+        if layer not in columns:
+            return
+        column, index = columns[layer]
+        inside = (index >= block.start) & (index < block.stop)
+        column, index = column[inside], index[inside] - block.start
+        batch = torch.tensor(rows).unsqueeze(1)
+        activation_gradient[batch, column] = value[:, index] * slope[:, index]
+        gradient[batch, column] = slope[:, index]
+
+    _gradient_pass(adapter, prompts, metric, keep, pad_token_id=pad_token_id, batch_size=batch_size,
+                   max_batch_tokens=max_batch_tokens, progress=progress, desc=desc)
+    return activation_gradient, gradient
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------

@@ -29,12 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def statistics_key(*, model: dict, site: str, prompts: Sequence[Sequence[int]], position: str,
-                   top_fraction: float | None, score: dict | None = None) -> str:
-    """`score`: the gradient score and its metric; None (activation statistics, any score) keeps the old keys."""
+                   top_fraction: float | None, score: dict | None = None, prompt_format: dict | None = None) -> str:
+    """`score`: the gradient score and its metric; None (activation statistics, any score) keeps the old keys.
+    `prompt_format`: a system prompt and chat-template arguments (the token ids change with them already; the key
+    names them too); None where neither is set keeps the old keys."""
     tokens = hashlib.sha256(json.dumps([list(p) for p in prompts]).encode()).hexdigest()
     fields = {"model": model, "site": site, "tokens": tokens, "position": position, "top_fraction": top_fraction}
     if score is not None:
         fields["score"] = score
+    if prompt_format is not None:
+        fields["prompt_format"] = prompt_format
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

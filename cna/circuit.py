@@ -25,6 +25,7 @@ class Neuron:
     negative_mean: float
     score: float | None = None  # the value it was ranked by (delta for the paper's score); None in older files
     expert: int | None = None  # mixtures of experts: routed 0..E-1, shared E..; None for a dense layer's neuron
+    selection_frequency: float | None = None  # share of resampled discoveries choosing it (cna.stability)
 
     @property
     def key(self) -> tuple[int, ...]:
@@ -32,9 +33,12 @@ class Neuron:
         return (self.layer, self.index) if self.expert is None else (self.layer, self.expert, self.index)
 
     def to_dict(self) -> dict:
+        """circuit.json's entry: `expert` only for an expert's neuron and `selection_frequency` only where stability
+        was measured, so other files keep their old form."""
         fields = asdict(self)
-        if self.expert is None:  # dense circuits keep the fields they always had
-            del fields["expert"]
+        for optional in ("expert", "selection_frequency"):
+            if fields[optional] is None:
+                del fields[optional]
         return fields
 
 
@@ -51,6 +55,7 @@ class Circuit:
     settings: dict = field(default_factory=dict)  # how it was selected: sign, layers, filter, seed, ...
     score: str = "delta"  # what neurons were ranked by: delta (the paper), projection, attribution, target
     experts: dict | None = None  # mixtures of experts: each layer's layout and each expert's routing frequency
+    stability: dict = field(default_factory=dict)  # resampling summary (cna.stability.Stability.summary); {}: not run
 
     @property
     def k(self) -> int:
@@ -92,6 +97,7 @@ class Circuit:
             "prompts": self.prompts,
             "settings": self.settings,
             **({"experts": self.experts} if self.experts is not None else {}),
+            **({"stability": self.stability} if self.stability else {}),
         }
 
     @classmethod
@@ -100,7 +106,8 @@ class Circuit:
         neurons = [Neuron(int(n["layer"]), int(n["index"]), float(n.get("delta", 0.0)),
                           float(n.get("positive_mean", 0.0)), float(n.get("negative_mean", 0.0)),
                           None if n.get("score") is None else float(n["score"]),
-                          None if n.get("expert") is None else int(n["expert"]))
+                          None if n.get("expert") is None else int(n["expert"]),
+                          None if n.get("selection_frequency") is None else float(n["selection_frequency"]))
                    for n in data["neurons"]]
         n_layers = data.get("n_layers")
         if n_layers is None:
@@ -110,7 +117,8 @@ class Circuit:
                    k_fraction=float(data.get("k_fraction", 0.0)),
                    universal_removed=int(data.get("universal_removed", 0)),
                    prompts=data.get("prompts", {}), settings=data.get("settings", {}),
-                   score=str(data.get("score", "delta")), experts=data.get("experts"))
+                   score=str(data.get("score", "delta")), experts=data.get("experts"),
+                   stability=data.get("stability") or {})
 
     def save(self, path: str | Path) -> Path:
         return write_json_atomic(path, self.to_dict())

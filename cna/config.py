@@ -32,6 +32,7 @@ from cna.evaluation.judges import JUDGES
 from cna.evaluation.metric import metric_types
 from cna.methods import method_types
 from cna.models import DTYPES, QUANTIZATIONS, ModelSpec
+from cna.reasoning import REASONING
 from cna.schema import bounded, choice
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -51,6 +52,11 @@ class ModelConfig(ModelSpec):
     dtype: str = choice("auto", ("auto", *DTYPES))  # auto: float32 on CPU, bfloat16 on CUDA
     quantization: str | None = choice(None, (None, *QUANTIZATIONS))
     template: str = choice("chat", TEMPLATES)  # chat: the tokenizer's chat template; raw: the text (base models)
+    system_prompt: str | None = None  # a system turn before every prompt (chat template only)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: false} for Qwen3
+    reasoning: str = choice("auto", REASONING)  # reasoning blocks removed from answers (cna.reasoning); auto: by
+    #                                             the tokenizer's markers (</think>, gpt-oss's channels)
+    reasoning_tokens: int = bounded(1024, 1, integer=True)  # the most a reasoning block may take; then it is closed
 
     def spec(self) -> ModelSpec:
         return ModelSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSpec)})

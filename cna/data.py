@@ -224,21 +224,35 @@ def _deduplicate(candidates: tuple[str, ...], evaluation: tuple[str, ...], thres
     return result
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], template: str = "chat") -> list[list[int]]:
-    """Token ids per prompt: as a user turn of the model's chat template, or the raw text for base models."""
+def encode_prompts(tokenizer, prompts: Sequence[str], template: str = "chat", *, system_prompt: str | None = None,
+                   template_kwargs: dict | None = None) -> list[list[int]]:
+    """Token ids per prompt: as a user turn of the model's chat template, or the raw text for base models.
+
+    `system_prompt` opens the conversation with a system turn; `template_kwargs` go to the chat template (e.g.
+    {"enable_thinking": False} for Qwen3). Both need the chat template.
+    """
     if template not in TEMPLATES:
         raise ConfigError(f"prompt template '{template}' is not one of {TEMPLATES}")
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ConfigError("this tokenizer has no chat template; use template 'raw' for base models")
-        encoded = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            for prompt in prompts
-        ]
+        system = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        try:
+            encoded = [
+                tokenizer.apply_chat_template(system + [{"role": "user", "content": prompt}],
+                                              add_generation_prompt=True, tokenize=True, **(template_kwargs or {}))
+                for prompt in prompts
+            ]
+        except Exception as error:  # noqa: BLE001 - jinja's TemplateError and the template's own raise_exception
+            if system_prompt is None and not template_kwargs:
+                raise
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            key = "model.system_prompt" if system_prompt is not None else "model.chat_template_kwargs"
+            raise ConfigError(f"{key}: the model's chat template rejects it ({first})") from error
         # transformers 5 returns a BatchEncoding here, 4.x a plain list of ids.
         return [list(ids if isinstance(ids, list) else ids["input_ids"]) for ids in encoded]
+    if system_prompt is not None or template_kwargs:
+        raise ConfigError("model.system_prompt and model.chat_template_kwargs need model.template=chat")
     return [list(tokenizer(prompt, add_special_tokens=True)["input_ids"]) for prompt in prompts]
 
 

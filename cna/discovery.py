@@ -97,6 +97,20 @@ class ActivationStatistics:
         )
 
 
+def token_values(hidden: torch.Tensor, position: str, last: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B, H] float32: the value that stands for each prompt (its `last` real token, or the mean).
+
+    The mean is taken in float32 (a bfloat16 sum over hundreds of tokens is off by up to 1%)
+    and padded positions are selected away, not multiplied by 0: a fully masked padding row
+    can hold NaN, and NaN * 0 is NaN.
+    """
+    if position == "last":
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        return hidden[rows, last.to(hidden.device)].float()
+    real = mask.to(hidden.device, torch.bool).unsqueeze(-1)
+    return torch.where(real, hidden.float(), 0.0).sum(1) / real.sum(1)
+
+
 def collect_statistics(
     adapter: ArchitectureAdapter,
     prompts: Sequence[Sequence[int]],
@@ -139,17 +153,7 @@ def collect_statistics(
     neuron_values = torch.empty(batch_size, n_layers, width, device=device) if top_counts is not None else None
 
     def prompt_values(hidden: torch.Tensor) -> torch.Tensor:
-        """[B, T, H] -> [B, H] float32: the value that stands for each prompt.
-
-        The mean is taken in float32 (a bfloat16 sum over hundreds of tokens is off by up to 1%)
-        and padded positions are selected away, not multiplied by 0: a fully masked padding row
-        can hold NaN, and NaN * 0 is NaN.
-        """
-        if position == "last":
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return hidden[rows, batch["last"].to(hidden.device)].float()
-        real = batch["mask"].to(hidden.device, torch.bool).unsqueeze(-1)
-        return torch.where(real, hidden.float(), 0.0).sum(1) / real.sum(1)
+        return token_values(hidden, position, batch["last"], batch["mask"])
 
     def deliver(layer: int, values: torch.Tensor, chosen: torch.Tensor | None = None) -> None:
         """Add one batch's prompt values [B, the layer's width] (and its experts' choices [B, experts])."""
@@ -293,7 +297,7 @@ def resolve_k(total: int, k_fraction: float | None = None, k: int | None = None)
     return max(1, round(k_fraction * total))
 
 
-def _ranking_score(delta: torch.Tensor, sign: str) -> torch.Tensor:
+def signed_score(delta: torch.Tensor, sign: str) -> torch.Tensor:
     if sign not in SIGNS:
         raise ConfigError(f"sign '{sign}' is not one of {SIGNS}")
     return {"abs": delta.abs(), "positive": delta, "negative": -delta}[sign]
@@ -309,7 +313,7 @@ def rank_neurons(
     padding of layers narrower than the widest.
     """
     n_layers, width = delta.shape
-    score = _ranking_score(delta, sign).flatten()
+    score = signed_score(delta, sign).flatten()
     candidates = torch.arange(score.numel())
     if layers is not None:
         start, stop = layers[0], n_layers if layers[1] is None else layers[1]
@@ -320,6 +324,21 @@ def rank_neurons(
         candidates = candidates[valid.flatten()[candidates]]
     order = torch.sort(score[candidates], descending=True, stable=True).indices
     return candidates[order]
+
+
+def eligible_ranking(ranking: torch.Tensor, sign: str = "abs", layers: tuple[int, int | None] | None = None,
+                     universal: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat neuron ids best first, as `rank_neurons`, with the universal neurons left out: the order a circuit
+    takes its k from."""
+    ranked = rank_neurons(ranking, sign, layers)
+    return ranked if universal is None else ranked[~universal.flatten()[ranked]]
+
+
+def columns_by_layer(neurons: torch.Tensor, width: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """layer -> (positions in `neurons`, neuron indices within the layer), for the layers the flat ids touch."""
+    layer_of = neurons // width
+    return {int(layer): ((layer_of == layer).nonzero().squeeze(1), neurons[layer_of == layer] % width)
+            for layer in layer_of.unique()}
 
 
 def select_circuit(

@@ -23,6 +23,7 @@ from cna.errors import CnaError, ConfigError
 from cna.experts import ExpertsSpec, LayerExperts, NeuronLayout, find_experts, layer_spec
 
 MODEL_CACHE_ENV = "CNA_MODEL_CACHE"
+VOCAB_CHUNK = 16384  # unembedding rows per matrix product in `neuron_logits`: bounds a float32 copy of the matrix
 DEFAULT_MODEL_CACHE = "~/.cache/cna-models"  # where `make models` / `make demo` fetch to
 
 
@@ -41,6 +42,8 @@ class Family:
     mlp_out: str | None = None  # the same for the MLP block; None: the neuron site (its output is the MLP's)
     position_embeddings: str | None = None  # learned absolute positions, added to the token embeddings
     conv1d: bool = False  # GPT-2's Conv1D stores its weight as [in, out] instead of nn.Linear's [out, in]
+    final_norm: str = "model.norm"  # the norm between the last layer and the unembedding
+    final_projection: str | None = None  # a projection after it, where the family may have one (OPT's project_out)
     experts: ExpertsSpec | None = None  # mixture-of-experts layers (layers without the fused module stay dense)
 
 
@@ -60,12 +63,15 @@ FAMILIES: dict[str, Family] = {
     "olmo": _GATED,
     "olmo2": _POST_NORMED,
     "granite": _GATED,
-    "phi": Family("model.layers", "mlp.fc2", "self_attn.dense"),
-    "gpt2": Family("transformer.h", "mlp.c_proj", "attn.c_proj", position_embeddings="transformer.wpe", conv1d=True),
-    "gptj": Family("transformer.h", "mlp.fc_out", "attn.out_proj"),
-    "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense"),
+    "phi": Family("model.layers", "mlp.fc2", "self_attn.dense", final_norm="model.final_layernorm"),
+    "gpt2": Family("transformer.h", "mlp.c_proj", "attn.c_proj", position_embeddings="transformer.wpe", conv1d=True,
+                   final_norm="transformer.ln_f"),
+    "gptj": Family("transformer.h", "mlp.fc_out", "attn.out_proj", final_norm="transformer.ln_f"),
+    "gpt_neox": Family("gpt_neox.layers", "mlp.dense_4h_to_h", "attention.dense",
+                       final_norm="gpt_neox.final_layer_norm"),
     "opt": Family("model.decoder.layers", "fc2", "self_attn.out_proj",
-                  position_embeddings="model.decoder.embed_positions"),
+                  position_embeddings="model.decoder.embed_positions", final_norm="model.decoder.final_layer_norm",
+                  final_projection="model.decoder.project_out"),
     # Mixtures of experts: the MLP block ("mlp") is what writes to the residual; dense layers (DeepSeek-V3's first
     # ones, Qwen-MoE's mlp_only_layers) keep their down_proj as the neuron site.
     "qwen2_moe": Family("model.layers", "mlp.down_proj", "self_attn.o_proj", "mlp",
@@ -154,6 +160,34 @@ class ArchitectureAdapter:
         weight = site.weight
         return weight if self.family.conv1d else weight.t()
 
+    def neuron_logits(self, layer: int, indices: torch.Tensor) -> torch.Tensor:
+        """[len(indices), vocab] float32: the logits each neuron's output weight adds when read straight through
+        to the unembedding (the logit lens of a weight), for the tokens it promotes (high) and suppresses (low).
+
+        Each norm on the way (the block's output norm where the family has one, then the final norm) is applied
+        as `norm(w) - norm(0)`: its weight applied (Gemma's 1 + weight included), a LayerNorm's centring kept and
+        its bias dropped (the same for every neuron). The norm also divides w by its own rms, one positive number
+        per neuron, so no token's rank within a neuron changes; the rest of the residual, which sets that scale
+        in a real forward, is left out. The unembedding's bias is dropped too.
+        """
+        if self.experts[layer] is not None:
+            raise CnaError(f"layer {layer} is a mixture of experts: neuron_logits reads a dense layer's neurons "
+                           "(layer, index), not an expert's")
+        writes = self.neuron_weights(layer)[indices.to(self.neuron_sites[layer].weight.device)].detach()
+        # mlp_out is a norm after the MLP (Gemma 2-3, OLMo 2), except in a mixture of experts, where it is the MoE
+        # block holding the neuron site (a dense layer's MLP included): nothing to apply then.
+        mlp_out = self.family.mlp_out
+        if mlp_out is not None and not self.family.neuron_site.startswith(mlp_out + "."):
+            writes = _linear_part(self.layers[layer].get_submodule(mlp_out), writes)
+        writes = _linear_part(self.model.get_submodule(self.family.final_norm), writes)
+        projection = _optional_submodule(self.model, self.family.final_projection)
+        if projection is not None:
+            writes = projection(writes.to(projection.weight.dtype))
+        unembedding = self.model.get_output_embeddings().weight
+        writes = writes.to(unembedding.device, torch.float32)
+        chunks = [writes @ rows.float().t() for rows in unembedding.detach().split(VOCAB_CHUNK)]
+        return torch.cat(chunks, 1).cpu()
+
     def expert_weights(self, layer: int, expert: int | None) -> torch.Tensor:
         """[neurons, hidden]: row j is what neuron j of the expert writes (a view of the weight in memory); expert
         None is a dense layer's MLP, as `neuron_weights`. Routed experts are slices of the fused down_proj."""
@@ -181,6 +215,29 @@ class ArchitectureAdapter:
         if self.layout is None:
             return [(0, self.neuron_weights(layer))]
         return [(block.offset, self.expert_weights(layer, block.expert)) for block in self.layout.blocks[layer]]
+
+
+def _linear_part(norm: nn.Module, vectors: torch.Tensor) -> torch.Tensor:
+    """norm(v) - norm(0): what a normalisation does to a direction, without its bias."""
+    parameter = next(norm.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else vectors.dtype
+    device = parameter.device if parameter is not None else vectors.device
+    vectors = vectors.to(device, dtype)
+    with torch.no_grad():
+        return norm(vectors) - norm(torch.zeros_like(vectors[:1]))
+
+
+def _optional_submodule(model: nn.Module, path: str | None) -> nn.Module | None:
+    """The module at `path`, or None where there is no path or an attribute on it is None (OPT without
+    project_out)."""
+    if path is None:
+        return None
+    module = model
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module
 
 
 def _site_width(site: nn.Module) -> int:

@@ -36,7 +36,9 @@ from cna.interventions import Intervention
 from cna.io import write_json_atomic
 from cna.methods.base import DiscoverySets, Found, Statistics, SteeringMethod
 from cna.models import LoadedModel, activation_identity, load_model
+from cna.neurons import write_cards
 from cna.prefix import PrefixStore, prefix_reuse
+from cna.reasoning import reasoning_format
 from cna.report import run_plots
 from cna.run_folder import (
     CIRCUIT,
@@ -53,7 +55,7 @@ from cna.validation import validate
 
 log = logging.getLogger(__name__)
 
-BASELINE_FORMAT = 2  # bump when a point's fields change, so cached baselines are recomputed
+BASELINE_FORMAT = 3  # bump when a point's fields change, so cached baselines are recomputed
 INFEASIBLE = 1000.0  # added to a search objective whose point misses search.min_quality
 
 
@@ -118,7 +120,8 @@ def job_statistics(job: JobConfig, lm: LoadedModel, cache: StatisticsCache) -> S
     """The loaded model's discovery statistics, batched as the job says and cached under cache_dir."""
     return Statistics(lm.model, lm.tokenizer, template=job.model.template, cache=cache, batch_size=job.batch_size,
                       max_batch_tokens=job.discovery_batch_tokens, adapter=lm.adapter,
-                      identity=activation_identity(lm))
+                      identity=activation_identity(lm), system_prompt=job.model.system_prompt,
+                      template_kwargs=job.model.chat_template_kwargs)
 
 
 def discover(method: SteeringMethod, statistics: Statistics, sets: DiscoverySets, *, model_name: str,
@@ -159,10 +162,19 @@ def baseline_key(job: JobConfig, lm: LoadedModel, metrics: list[Metric]) -> str:
         "metrics": {metric.name: metric.identity() for metric in metrics},
         "scoring": {"quality_n": job.eval.quality_n, "classifier_window": job.eval.classifier_window},
         "generation": {"max_new_tokens": job.max_new_tokens, "batch_size": job.batch_size},
+        "prompt_format": prompt_format(job),
         "scoring_batch_tokens": job.scoring_batch_tokens,  # batches change padding, and float sums in the last bit
         "versions": _versions(),
     }
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def prompt_format(job: JobConfig) -> dict:
+    """How prompts are presented and answers read: part of the baseline key (the statistics key has the tokens)."""
+    model = job.model
+    return {"template": model.template, "system_prompt": model.system_prompt,
+            "chat_template_kwargs": model.chat_template_kwargs, "reasoning": model.reasoning,
+            "reasoning_tokens": model.reasoning_tokens}
 
 
 def search_objectives(results: JobResults, job: JobConfig) -> list[float]:
@@ -189,7 +201,10 @@ def failed_objectives(count: int) -> list[float]:
 
 def session_for(job: JobConfig, lm: LoadedModel, reuse=None, cached=None) -> Session:
     """The measuring session of a job: its generation and scoring settings on the loaded model."""
-    return Session(lm.model, lm.tokenizer, template=job.model.template, max_new_tokens=job.max_new_tokens,
+    return Session(lm.model, lm.tokenizer, template=job.model.template, system_prompt=job.model.system_prompt,
+                   template_kwargs=job.model.chat_template_kwargs,
+                   reasoning=reasoning_format(lm.tokenizer, job.model.reasoning),
+                   reasoning_tokens=job.model.reasoning_tokens, max_new_tokens=job.max_new_tokens,
                    batch_size=job.batch_size, refill=job.refill_generation,
                    scoring_batch_tokens=job.scoring_batch_tokens,
                    is_refusal=KeywordRefusalClassifier(window=job.eval.classifier_window),
@@ -288,9 +303,13 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
     with _timed(timings, "load_model"):
         lm = load_model(job.model.spec())
     cache = StatisticsCache(job.cache.dir)
+    statistics = job_statistics(job, lm, cache)
     with _timed(timings, "discovery"):
-        intervention, found = discover(method, job_statistics(job, lm, cache), data.sets, model_name=job.model.name,
-                                       run_dir=run_dir)
+        intervention, found = discover(method, statistics, data.sets, model_name=job.model.name, run_dir=run_dir)
+    with _timed(timings, "neuron_cards"):
+        page = method.neuron_cards(statistics, data.sets, found)  # None: the method writes none
+    if page is not None:
+        write_cards(run_dir, *page)
     done = list(previous.points) if previous else []
     finished_records = keep_finished_generations(run_dir, {point.alpha for point in done})
     behaviour = job.behaviour
@@ -304,6 +323,7 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
                            config=job.settings, behaviour=behaviour.name)
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
+        tracker.log_neurons([card.table_row() for card in page[0]] if page is not None else [])
         for point in done:
             tracker.log_point(point)
         tracker.log_generations(finished_records)

@@ -3,6 +3,7 @@
     python -m cna.tiny DIR                      # writes an ordinary Hugging Face folder (model.path=DIR or
                                                 # CNA_TINY_MODEL=DIR)
     python -m cna.tiny DIR --family qwen3_moe   # a tiny mixture of experts instead (any key of MOE_CONFIGS)
+    python -m cna.tiny DIR --thinking           # the thinking variant: its chat template opens a <think> block
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ HIDDEN = 64
 INTERMEDIATE = 128
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 ANSWER_WORDS = ["yes", "no", "A", "B", "C", "D"]  # what the LLM judge and MMLU read
+THINK_TOKENS = ["<think>", "</think>"]  # the thinking variant's reasoning markers, ids VOCAB and VOCAB + 1
+# The thinking variant's template, as the DeepSeek-R1 distills': the generation prompt opens a reasoning block,
+# and enable_thinking=false (Qwen3's switch) renders it empty and closed, so the model answers at once.
+THINKING_TEMPLATE = ("<bos>{% for m in messages %} {{ m['content'] }}{% endfor %} w4 <think>"
+                     "{% if enable_thinking is defined and not enable_thinking %} </think>{% endif %}")
 
 
 def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
@@ -61,10 +67,11 @@ def tiny_moe(model_type: str = "qwen3_moe", seed: int = 0, **overrides) -> torch
     return AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
 
 
-def tiny_tokenizer():
+def tiny_tokenizer(thinking: bool = False):
     """A word-level tokenizer over the tiny vocabulary ("w4 w17 ... yes no A B C D"), with a chat template.
 
-    Unknown words map to <unk>, so any English prompt encodes.
+    Unknown words map to <unk>, so any English prompt encodes. `thinking` adds the reasoning markers <think> and
+    </think> (as Qwen3 has them: added tokens, not special ones) and THINKING_TEMPLATE.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -77,14 +84,19 @@ def tiny_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>",
                                         eos_token="<eos>", unk_token="<unk>")
     tokenizer.chat_template = "<bos>{% for m in messages %} {{ m['content'] }}{% endfor %} w4"
+    if thinking:
+        tokenizer.add_tokens(THINK_TOKENS)
+        tokenizer.chat_template = THINKING_TEMPLATE
     return tokenizer
 
 
-def write_tiny_model(folder: str | Path, seed: int = 0, family: str = "llama") -> Path:
-    """The tiny model (the Llama, or a tiny mixture of experts of `family`) and its tokenizer, as a folder."""
+def write_tiny_model(folder: str | Path, seed: int = 0, family: str = "llama", thinking: bool = False) -> Path:
+    """The tiny model (the Llama, or a tiny mixture of experts of `family`) and its tokenizer, as a folder;
+    `thinking`: the variant with reasoning markers."""
     folder = Path(folder)
-    (tiny_llama(seed) if family == "llama" else tiny_moe(family, seed)).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    vocab = {"vocab_size": VOCAB + len(THINK_TOKENS)} if thinking else {}
+    (tiny_llama(seed, **vocab) if family == "llama" else tiny_moe(family, seed, **vocab)).save_pretrained(folder)
+    tiny_tokenizer(thinking).save_pretrained(folder)
     return folder
 
 
@@ -92,5 +104,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m cna.tiny", description="write a tiny random model folder")
     parser.add_argument("folder")
     parser.add_argument("--family", default="llama", choices=["llama", *MOE_CONFIGS])
+    parser.add_argument("--thinking", action="store_true", help="a chat template that opens a <think> block")
     arguments = parser.parse_args()
-    print(write_tiny_model(arguments.folder, family=arguments.family))
+    print(write_tiny_model(arguments.folder, family=arguments.family, thinking=arguments.thinking))

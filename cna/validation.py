@@ -114,6 +114,11 @@ def _switched_off(config) -> bool:
 
 def _validate_model(job: JobConfig, method: SteeringMethod) -> None:
     model = job.model
+    if model.template == "raw":
+        for key in ("system_prompt", "chat_template_kwargs"):
+            if getattr(model, key):
+                raise ConfigError(f"model.{key}: needs model.template=chat (a raw prompt has no chat template), "
+                                  f"got {getattr(model, key)!r}")
     if model.quantization is not None:
         problem = quantization_unavailable(model.quantization, resolve_device(model.device))
         if problem:

@@ -52,6 +52,10 @@ class PlantedModel:
     universal_neuron: tuple[int, int]  # large on every prompt, and the largest delta
     positive_trigger: int
     negative_trigger: int
+    writer: tuple[int, int] = (2, 100)  # a positive neuron of the last layer whose output weight writes to the logits
+    promoted_token: int = 40  # the token its output weight was built to promote most, through the final norm
+    decoy_token: int = 41  # promoted most if the final norm's weight were left out
+    suppressed_token: int = 42  # the token it suppresses most
 
     def prompts(self, n: int, seed: int, ending: int | None) -> list[list[int]]:
         """Random prompts of random length whose last token is `ending` (a random plain token if None)."""
@@ -68,7 +72,11 @@ def planted_model() -> PlantedModel:
     the positive trigger also 10u, the negative trigger 10v, and no other token has any u
     or v. Positive neurons read u, the negative neuron reads v, the universal neuron reads
     w (so it is large on every prompt) and u (so its delta is the largest of all). Their
-    output weights are zeroed so they do not disturb later layers.
+    output weights are zeroed so they do not disturb later layers, except the writer's: it sits in the
+    last layer and writes along a unit direction d, which the unembedding reads through the final norm (its
+    weight g set to 2 on half of the coordinates and 0.5 on the rest): the promoted token's row is
+    20 d / g (logit 20 |d|^2 = 20 per unit-rms write), the suppressed token's -20 d / g, and the decoy's
+    14 d / g^2 (logit 14 x 1.25 = 17.5, but 14 x 2.125 = 29.75 > 25 for the promoted one if g were ignored).
     """
     model = tiny_llama(seed=1)
     adapter = ArchitectureAdapter(model)
@@ -88,7 +96,17 @@ def planted_model() -> PlantedModel:
             mlp.gate_proj.weight[index] = 3 * reads if layer != 2 or index != 7 else reads
             mlp.up_proj.weight[index] = 3 * reads if layer != 2 or index != 7 else reads
             mlp.down_proj.weight[:, index] = 0
-    return PlantedModel(model, adapter, [(0, 3), (1, 10), (2, 100)], [(1, 50)], (2, 7), 7, 8)
+        planted_model = PlantedModel(model, adapter, [(0, 3), (1, 10), (2, 100)], [(1, 50)], (2, 7), 7, 8)
+        writes = torch.ones(HIDDEN) / HIDDEN**0.5
+        gain = torch.where(torch.arange(HIDDEN) % 2 == 0, 2.0, 0.5)
+        model.model.norm.weight.copy_(gain)
+        layer, index = planted_model.writer
+        # Small: the neuron fires at several hundred on positive prompts, and the residual should not be all its write.
+        model.model.layers[layer].mlp.down_proj.weight[:, index] = 0.005 * writes
+        model.lm_head.weight[planted_model.promoted_token] = 20 * writes / gain
+        model.lm_head.weight[planted_model.suppressed_token] = -20 * writes / gain
+        model.lm_head.weight[planted_model.decoy_token] = 14 * writes / gain**2
+    return planted_model
 
 
 def model_cache() -> Path:

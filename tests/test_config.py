@@ -9,6 +9,7 @@ from hydra.types import RunMode
 
 from cna.config import JobConfig, compose_job
 from cna.errors import ConfigError
+from cna.methods import make_method
 from cna.pipeline import prepare_data
 from cna.validation import validate
 from conftest import data_dir
@@ -107,6 +108,16 @@ BAD_VALUES = [
      "eval.judge.base_url: expected an http(s) URL"),
     (["eval/judge=yesno", "eval.judge.concurrency=0"], "eval.judge.concurrency: expected an integer >= 1"),
     (["eval/judge=yesno", "eval.judge.timeout_s=-1"], "eval.judge.timeout_s: expected a number > 0"),
+    (["method.stability.resamples=-1"], "method.stability.resamples: expected an integer >= 0, got -1"),
+    (["method.stability.fraction=0"], "method.stability.fraction: expected a number in (0, 1], got 0"),
+    (["method.stability.steer=half"],
+     "method.stability.steer: expected one of full, core, rest, core_matched, got 'half'"),
+    (["method.stability.steer=core"],
+     "method.stability.resamples: expected at least 1 for method.stability.steer=core"),
+    (["method=random", "method.stability.resamples=10"], "method.stability.resamples: expected 0 for method random"),
+    (["method.stability.candidates=0"], "method.stability.candidates: expected an integer >= 1, got 0"),
+    (["method.cards.effect=gradient"], "method.cards.effect: expected one of auto, none, attribution, target"),
+    (["method.cards.tokens=0"], "method.cards.tokens: expected an integer >= 1, got 0"),
 ]
 
 
@@ -175,10 +186,10 @@ def test_every_experiment_composes_for_each_sweep_point(experiment, model_stub):
 def test_every_recipe_composes_and_validates(recipe, model_stub):
     cfg = composed(f"recipe={recipe}")
     validate_with(cfg, model_stub)
-    if recipe in ("caa", "direction"):  # residual-stream recipes choose no neurons
-        assert cfg.method.name == recipe
-    else:
+    if make_method(cfg.method).neuron_level:  # recipe=caa / direction name residual-stream methods
         assert cfg.method.k_fraction > 0 and cfg.method.sign in ("abs", "positive")
+    else:
+        assert cfg.method.name == recipe and cfg.method.layer is None  # at its defaults: half depth
 
 
 def test_the_multiplier_sweep_asks_the_packaged_probes():
@@ -189,7 +200,8 @@ def test_the_multiplier_sweep_asks_the_packaged_probes():
 
 
 @pytest.mark.parametrize("experiment", ["cna_vs_caa", "mmlu_vs_alpha", "localization", "overlap", "knob_sweep",
-                                        "recipe_search", "base_vs_aligned"])
+                                        "recipe_search", "base_vs_aligned",
+                                        "stability"])
 def test_sweep_only_experiments_run_as_multiruns_without_dash_m(experiment):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={experiment}"], return_hydra_config=True)

@@ -447,6 +447,7 @@ def test_a_job_on_a_tiny_moe_writes_the_contract_files(tmp_path, method):
         assert circuit["k"] == 6 and all(("expert" in n) == (n["layer"] > 0) for n in circuit["neurons"])
         assert set(circuit["experts"]["routing_frequency"]) == {"positive", "negative"}
         assert (tmp_path / "run" / "expert_histogram.png").read_bytes().startswith(b"\x89PNG")
+        assert not (tmp_path / "run" / "neurons.md").exists()  # neuron cards read dense (layer, index) neurons
     else:
         assert "neurons" not in circuit and circuit["n_experts"] == 3
         assert all(e["layer"] > 0 and e["shift"] in (-10.0, 10.0) for e in circuit["experts"])

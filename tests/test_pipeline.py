@@ -73,15 +73,16 @@ def test_a_causal_score_ranks_the_circuit_and_its_gradients_are_cached_apart(tin
     cache = tmp_path / "cache"
     attribution = run(small_job(tiny_folder, cache, "method.k=6", "method.score=attribution", "alphas=[1.0]"),
                       tmp_path / "attribution")
-    assert attribution["cache"] == {"hits": 0, "misses": 4}  # diverse, positive, negative, positive gradients
+    # diverse, positive, negative, positive gradients, and the per-prompt values of the best neurons (cna.neurons)
+    assert attribution["cache"] == {"hits": 0, "misses": 5}
     circuit = json.loads((tmp_path / "attribution" / CIRCUIT).read_text())
     assert circuit["score"] == "attribution" and circuit["settings"]["refusal_starts"]
     magnitudes = [abs(n["score"]) for n in circuit["neurons"]]  # sign abs, the default
     assert magnitudes == sorted(magnitudes, reverse=True) and min(magnitudes) > 0
-    # The activation statistics do not depend on the score: a projection job computes nothing again.
+    # The activation statistics do not depend on the score: a projection job records only its best neurons' values.
     projection = run(small_job(tiny_folder, cache, "method.k=6", "method.score=projection", "alphas=[1.0]"),
                      tmp_path / "projection")
-    assert projection["cache"] == {"hits": 3, "misses": 0}
+    assert projection["cache"] == {"hits": 3, "misses": 1}
     circuit = json.loads((tmp_path / "projection" / CIRCUIT).read_text())
     assert circuit["score"] == "projection" and circuit["settings"]["direction_layer"] == 1  # half of 3 layers
 
@@ -114,12 +115,15 @@ def test_a_k_sweep_reuses_the_cached_statistics(tiny_folder, tmp_path):
     first = run(small_job(tiny_folder, tmp_path / "cache", "method.k=3", "alphas=[0.0]"), tmp_path / "a")
     second = run(small_job(tiny_folder, tmp_path / "cache", "method.k=9", "method.universal.threshold=0.6",
                            "alphas=[0.0]"), tmp_path / "b")
-    assert first["cache"] == {"hits": 0, "misses": 3}  # positive, negative, diverse
-    assert second["cache"] == {"hits": 3, "misses": 0}
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+    # positive, negative, diverse, and the best neurons' per-prompt values for the cards (cna.neurons)
+    assert first["cache"] == {"hits": 0, "misses": 4}
+    # Another k reads its cards from the same pool of best neurons (the filter at 0.6 flags what it flags at 0.8 on
+    # this model, so the pool is the same).
+    assert second["cache"] == {"hits": 4, "misses": 0}
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
     changed_prompts = run(small_job(tiny_folder, tmp_path / "cache", "prompts.n_positive=5", "alphas=[0.0]"),
                           tmp_path / "c")
-    assert changed_prompts["cache"] == {"hits": 2, "misses": 1}
+    assert changed_prompts["cache"] == {"hits": 2, "misses": 2}
 
 
 def test_what_reaches_wandb_equals_results_json(tiny_folder, tmp_path, monkeypatch):

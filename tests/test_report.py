@@ -294,6 +294,31 @@ def test_the_summary_says_which_runs_reduced_refusal_with_intervals(tmp_path):
     assert sentence in summary and "**In-sample:** 1 run(s)" in summary and "yes (jbb_harmful: 100)" in summary
 
 
+def test_the_first_sentence_leads_with_harmful_compliance_and_refusal_together(tmp_path):
+    from cna.evaluation.intervals import wilson_interval
+    from cna.report import effect_sentence, refusal_changes
+
+    def point(alpha: float, refused: int, harmful: int) -> dict:
+        return {"alpha": alpha, "refusal_rate": refused / 100, "refusal_ci95": list(wilson_interval(refused, 100)),
+                "harmful_compliance_rate": harmful / 100,
+                "harmful_compliance_ci95": list(wilson_interval(harmful, 100)), "n_prompts": 100}
+
+    for name, steered in (("cna", point(1.0, 26, 12)), ("caa", point(1.0, 35, 3))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({
+            "model": "m", "method": name, "status": "complete", "points": [point(0.0, 53, 2), steered]}))
+    runs, _ = find_runs(tmp_path)
+    changes = {c.run.method: c for c in refusal_changes(runs)}
+    assert changes["cna"].harmful.change == pytest.approx(0.10) and changes["cna"].harmful.direction() == "rose"
+    assert changes["caa"].harmful.direction() == "no significant change"
+    sentence = effect_sentence([changes["cna"], changes["caa"]])
+    assert sentence.startswith("Harmful compliance and refusal, unsteered -> strongest point: m/cna: harmful "
+                               "compliance 0.02 [0.01, 0.07] -> 0.12 [")
+    assert "rose); refusal 0.53 [0.43, 0.62] -> 0.26 [" in sentence and "(reduced); m/caa: harmful" in sentence
+    # the report orders runs by folder; the paragraph after its title and run count is that sentence over all runs
+    assert effect_sentence(refusal_changes(runs)) in write_report(tmp_path)["summary"].read_text().split("\n\n")[2]
+
+
 def test_a_failed_job_shows_its_reason_and_kl_axes_name_the_recorded_direction(tmp_path):
     from cna.report.figures import kl_name
 
@@ -310,3 +335,28 @@ def test_a_failed_job_shows_its_reason_and_kl_axes_name_the_recorded_direction(t
     assert kl_name(runs) == "KL(unsteered || steered)"
     runs[0].results.extra["kl_direction"] = "steered||unsteered"
     assert kl_name(runs).startswith("KL (directions differ")
+
+
+def test_summary_gives_the_stability_table_and_each_runs_top_neurons(tmp_path):
+    from cna.neurons import NeuronCard, write_cards
+
+    root = tmp_path / "multirun"
+    run_dir = make_run(root, QWEN, "cna", ["recipe=paper", "method.stability.steer=core"], QWEN_KEYS)
+    circuit = Circuit.load(run_dir / "circuit.json")
+    circuit.stability = {"resamples": 100, "fraction": 0.5, "jaccard_mean": 0.6125, "jaccard_sd": 0.05,
+                         "jaccard_min": 0.5, "jaccard_max": 0.75, "halves_jaccard": 0.55, "core_size": 4, "k": 6,
+                         "core_threshold": 0.8, "deepest_rank": 31, "candidates": 2000}
+    circuit.settings["stability_subset"] = "core"
+    circuit.save(run_dir / "circuit.json")
+    cards = [NeuronCard(layer, index, rank + 1, 1.0 - rank / 10, 0.5, 0.6, 0.1, 0.9, [(" sorry", 2.5), ("I", 1.0)],
+                        [(" Sure", -3.0)]) for rank, (layer, index) in enumerate(reversed(QWEN_KEYS))]
+    write_cards(run_dir, cards[::-1], {"model": QWEN})
+    make_run(root, QWEN, "caa", ["method=caa"])
+    summary = write_report(root)["summary"].read_text()
+    assert ("| Qwen2.5-Coder-0.5B-Instruct/cna | 100 x 50% | 0.613 ± 0.050 [0.500, 0.750] | 0.550 | 4 / 6 (>= 80%) "
+            "| 31 / 2000 | core (6) |") in summary
+    top = summary[summary.index("## Top neurons"):]
+    assert f"[all 6 cards]({run_dir.name}/neurons.md)" in top
+    # Five rows, best rank first, with the promoted tokens as written.
+    rows = [line for line in top.splitlines() if line.startswith("| L")]
+    assert len(rows) == 5 and rows[0].startswith("| L3/N3 | 1 | 1 | 0.900 | ` sorry`, `I` |")

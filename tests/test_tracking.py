@@ -282,3 +282,22 @@ def test_wandb_mode_environment_wins(no_credentials, monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     monkeypatch.setenv("WANDB_DISABLED", "true")
     assert resolve_mode("online") == "disabled"
+
+
+def test_the_neuron_cards_are_one_table_with_a_row_per_neuron(offline, caplog):
+    rows = [{"neuron": f"L{layer}/N{index}", "layer": layer, "index": index, "rank": rank, "score": 1.0 / rank,
+             "selection_frequency": None if layer else 0.9, "promoted": "`sorry`, `cannot`",
+             "effect_patched": None} for rank, (layer, index) in enumerate([(0, 3), (1, 7)], start=1)]
+    tracker = make_tracker(offline, mode="offline")
+    tracker.log_neurons(rows)
+    tracker.log_neurons([])  # nothing to log: no empty table replaces the first
+    with caplog.at_level(logging.WARNING, logger="cna.tracking"):
+        tracker.finish(results([], status="complete"))
+    assert not tracking_warnings(caplog)
+    summary = read_offline_run(offline).summary
+    assert summary[tracking.NEURON_TABLE]["_type"] == "table-file" and summary[tracking.NEURON_TABLE]["nrows"] == 2
+    run = read_offline_run(offline)
+    table = json.loads((run.path.parent / "files" / summary[tracking.NEURON_TABLE]["path"]).read_text())
+    assert table["columns"] == list(rows[0])
+    assert [row[:3] for row in table["data"]] == [["L0/N3", 0, 3], ["L1/N7", 1, 7]]
+    NullTracker().log_neurons(rows)  # the base interface takes them too

@@ -18,7 +18,7 @@ from typing import Any
 from cna.errors import ConfigError
 from cna.evaluation.metric import metric_types
 from cna.methods import method_types
-from cna.tracking import FULL_STRENGTH_TABLE, OfflineRun
+from cna.tracking import FULL_STRENGTH_TABLE, NEURON_TABLE, OfflineRun
 
 SOURCES = ("history", "summary", "config")
 
@@ -114,18 +114,28 @@ class DashboardSpec:
 _STRONGEST = "each run's last strength point (its summary; alpha = 1 in the default sweep)"
 
 
+# The first panel: what a response to a harmful request did, refused or complied with substance, side by side.
+LEAD = Panel("line", "Harmful compliance and refusal",
+             (history("harmful_compliance_rate"), history("refusal_rate"), history("empty_compliance_rate")),
+             "Per strength: the share of harmful requests answered with substance (harmful compliance), refused "
+             "(keyword classifier) and answered without substance (empty compliance); they add up to 1.")
+
+
 def _metric_panels() -> tuple[tuple[Panel, ...], dict[Key, str]]:
-    """One line panel per registered metric with fields (its fields and their extra history keys), and the keys
-    of metrics a default job does not run, with when they are logged."""
-    panels, optional = [], {}
+    """The lead panel, then one line panel per registered metric with fields (its fields and their extra history
+    keys) that the lead panel does not already show, and the keys of metrics a default job does not run, with
+    when they are logged."""
+    panels, optional = [LEAD], {}
     for metric in metric_types().values():
         if not metric.fields:
             continue
         keys = tuple(history(f.name) for f in metric.fields) + tuple(history(k) for k in metric.history_keys)
-        about = " ".join(f.about for f in metric.fields if f.about)
-        panels.append(Panel("line", " and ".join(f.label for f in metric.fields), keys, about))
         if metric.logged_when:
             optional.update(dict.fromkeys(keys, metric.logged_when))
+        if all(key in LEAD.keys for key in keys):
+            continue
+        about = " ".join(f.about for f in metric.fields if f.about)
+        panels.append(Panel("line", " and ".join(f.label for f in metric.fields), keys, about))
     return tuple(panels), optional
 
 
@@ -134,6 +144,7 @@ def dashboard_spec() -> DashboardSpec:
     panels, optional = _metric_panels()
     judge = metric_types()["judge"].logged_when
     optional[summary("judge_refusal_rate")] = judge
+    optional[summary("harmful_compliance_rate")] = metric_types()["compliance"].logged_when
     return DashboardSpec(
         x_axis=history("alpha"),
         group_by=(config("method.name"), config("model.name"), config("behaviour.name")),
@@ -141,6 +152,9 @@ def dashboard_spec() -> DashboardSpec:
         sections=(
             Section("Against alpha, by method and model", panels),
             Section("Across runs", (
+                Panel("scatter", "Harmful compliance vs refusal, coloured by method",
+                      (summary("refusal_rate"), summary("harmful_compliance_rate")),
+                      f"One point per run at {_STRONGEST}: how much of what refusal lost became substance."),
                 Panel("scatter", "Refusal vs KL, coloured by method",
                       (summary("kl_divergence"), summary("refusal_rate")),
                       f"One point per run at {_STRONGEST}: lower-left is the better trade-off."),
@@ -157,11 +171,16 @@ def dashboard_spec() -> DashboardSpec:
             )),
             Section("Generations at alpha = 1", (
                 Panel("table", "Every response at full strength", (summary(FULL_STRENGTH_TABLE),),
-                      "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality) per run."),
+                      "The generations table's rows at alpha = 1 (prompt, set, response, refused, quality, the "
+                      "three-way compliance verdict) per run."),
             )),
             Section("Circuit", (
                 Panel("images", "Neurons per layer", (history("plots/layer_histogram"),),
                       "The layer histogram of each neuron circuit (cna and random runs)."),
+                Panel("table", "Neuron cards", (summary(NEURON_TABLE),),
+                      "One row per circuit neuron (neurons.md in the run folder): rank, score, delta, selection "
+                      "frequency, the tokens its output weight promotes and suppresses, its most and least "
+                      "activating discovery prompts, its estimated effect on the behaviour metric."),
             )),
         ),
         optional=optional,

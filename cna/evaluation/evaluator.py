@@ -17,6 +17,7 @@ from cna.data import encode_prompts
 from cna.evaluation.metric import Metric, metric_types
 from cna.evaluation.responses import ResponseEvaluation, evaluate_responses
 from cna.generation import eos_token_ids, generate
+from cna.reasoning import Generation, ReasoningFormat, generate_with_reasoning
 from cna.run_folder import POINT_FIELDS, Point
 
 
@@ -27,7 +28,11 @@ class Session:
     model: Any
     tokenizer: Any
     template: str = "chat"  # chat: each prompt as a user turn of the chat template; raw: the text as it is
-    max_new_tokens: int = 48
+    system_prompt: str | None = None  # a system turn before every prompt (chat template only)
+    template_kwargs: dict | None = None  # keyword arguments of the chat template, e.g. {"enable_thinking": False}
+    reasoning: ReasoningFormat | None = None  # a thinking model's reasoning blocks (cna.reasoning); None: none
+    reasoning_tokens: int = 1024  # the most tokens a reasoning block may take before it is closed for the model
+    max_new_tokens: int = 48  # of the answer (after any reasoning block)
     batch_size: int = 16
     refill: bool = True
     scoring_batch_tokens: int | None = 1024
@@ -39,13 +44,26 @@ class Session:
     progress: bool = True
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        return encode_prompts(self.tokenizer, prompts, self.template)
+        return encode_prompts(self.tokenizer, prompts, self.template, system_prompt=self.system_prompt,
+                              template_kwargs=self.template_kwargs)
+
+    def generations(self, prompts: Sequence[str], desc: str) -> list[Generation]:
+        """Greedy responses with their token ids, a thinking model's reasoning split from its answer."""
+        settings = dict(pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size, refill=self.refill,
+                        eos_token_id=eos_token_ids(self.model, self.tokenizer), progress=self.progress, desc=desc)
+        if self.reasoning is not None:
+            return generate_with_reasoning(self.model, self.tokenizer, self.encode(prompts), self.reasoning,
+                                           reasoning_tokens=self.reasoning_tokens,
+                                           max_new_tokens=self.max_new_tokens, **settings)
+        decoded = []
+        for tokens in generate(self.model, self.encode(prompts), max_new_tokens=self.max_new_tokens, **settings):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            decoded.append(Generation(tokens, text, tokens, text))
+        return decoded
 
     def generate(self, prompts: Sequence[str], desc: str) -> list[str]:
-        tokens = generate(self.model, self.encode(prompts), pad_token_id=self.tokenizer.pad_token_id,
-                          eos_token_id=eos_token_ids(self.model, self.tokenizer), max_new_tokens=self.max_new_tokens,
-                          batch_size=self.batch_size, refill=self.refill, progress=self.progress, desc=desc)
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        """The responses as text (a thinking model's reasoning included)."""
+        return [g.response for g in self.generations(prompts, desc)]
 
 
 class PointContext:
@@ -57,18 +75,37 @@ class PointContext:
         self.records: list[dict] = []  # generations.jsonl lines
         self.timings: dict[str, float] = {}
         self._evaluated: dict[str, ResponseEvaluation] = {}
+        self._generated: dict[str, list[Generation]] = {}
 
     def responses(self, name: str, prompts: Sequence[str]) -> ResponseEvaluation:
-        """The named set's responses at this point, scored for refusal and quality; generated on first use."""
+        """The named set's responses at this point, scored for refusal and quality; generated on first use.
+
+        The classifier and the quality score read each response's answer (a thinking model's reasoning removed);
+        the records keep the whole response, and for a thinking model also its answer and reasoning.
+        """
         if name not in self._evaluated:
-            responses = self.session.generate(prompts, f"{name} a={self.alpha:g}")
+            generated = self.session.generations(prompts, f"{name} a={self.alpha:g}")
             scoring = {"quality_n": self.session.quality_n}
             if self.session.is_refusal is not None:
                 scoring["is_refusal"] = self.session.is_refusal
-            evaluated = evaluate_responses(prompts, responses, **scoring)
-            self._evaluated[name] = evaluated
+            evaluated = evaluate_responses(prompts, [g.answer for g in generated], **scoring)
+            self._evaluated[name], self._generated[name] = evaluated, generated
+            for record, generation in zip(evaluated.records, generated, strict=True):
+                record["response"] = generation.response
+                if self.session.reasoning is not None:
+                    record.update(generation.record())
             self.records += [{"alpha": self.alpha, "set": name, **record} for record in evaluated.records]
         return self._evaluated[name]
+
+    def generated(self, name: str) -> list[Generation]:
+        """The named set's generations at this point (token ids included); `responses` must have made them."""
+        if name not in self._generated:
+            raise KeyError(f"no responses of '{name}' at alpha {self.alpha:g} yet")
+        return self._generated[name]
+
+    def set_records(self, name: str) -> list[dict]:
+        """The generations.jsonl lines of one set at this point (the same objects: a metric may add fields)."""
+        return [record for record in self.records if record["set"] == name]
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:

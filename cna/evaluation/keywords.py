@@ -58,6 +58,14 @@ class KeywordRefusalClassifier:
     def __call__(self, response: str) -> bool:
         return self.matched_phrase(response) is not None
 
+    def first_match(self, response: str) -> tuple[int, str] | None:
+        """(character offset, phrase) of the phrase that starts earliest within the window, or None."""
+        text = _normalise(response)
+        if self.window is not None:
+            text = text[: self.window]
+        found = [(text.find(_normalise(phrase)), phrase) for phrase in self.phrases]
+        return min(((at, phrase) for at, phrase in found if at >= 0), default=None)
+
 
 @dataclass(frozen=True)
 class RefusalRate:

@@ -50,8 +50,10 @@ class Statistics:
 
     def __init__(self, model, tokenizer, *, template: str = "chat", cache: StatisticsCache | None = None,
                  batch_size: int = 16, max_batch_tokens: int | None = DISCOVERY_TOKEN_BUDGET, progress: bool = True,
-                 adapter: ArchitectureAdapter | None = None, identity: dict | None = None):
+                 adapter: ArchitectureAdapter | None = None, identity: dict | None = None,
+                 system_prompt: str | None = None, template_kwargs: dict | None = None):
         self.model, self.tokenizer, self.template = model, tokenizer, template
+        self.system_prompt, self.template_kwargs = system_prompt, dict(template_kwargs or {})
         self.adapter = adapter or ArchitectureAdapter(model)
         self.cache = cache or StatisticsCache(None)
         self.batch_size, self.max_batch_tokens, self.progress = batch_size, max_batch_tokens, progress
@@ -59,14 +61,21 @@ class Statistics:
         self.site = f"{self.adapter.model_type}:{self.adapter.family.neuron_site}"
 
     def encode(self, prompts: Sequence[str]) -> list[list[int]]:
-        return encode_prompts(self.tokenizer, prompts, self.template)
+        return encode_prompts(self.tokenizer, prompts, self.template, system_prompt=self.system_prompt,
+                              template_kwargs=self.template_kwargs)
+
+    def prompt_format(self) -> dict | None:
+        """A system prompt and chat-template arguments, for the cache key (None without either: the old keys)."""
+        if self.system_prompt is None and not self.template_kwargs:
+            return None
+        return {"system_prompt": self.system_prompt, "chat_template_kwargs": self.template_kwargs}
 
     def activations(self, prompts: Sequence[str], desc: str, *, position: str = "last",
                     top_fraction: float | None = None) -> ActivationStatistics:
         """Running sums of every neuron and every layer's residual over the prompts (and top counts)."""
         encoded = self.encode(prompts)
         key = statistics_key(model=self.identity, site=self.site, prompts=encoded, position=position,
-                             top_fraction=top_fraction)
+                             top_fraction=top_fraction, prompt_format=self.prompt_format())
         return self.cache.get_or_compute(key, lambda: collect_statistics(
             self.adapter, encoded, pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size,
             max_batch_tokens=self.max_batch_tokens, position=position, top_fraction=top_fraction, desc=desc,
@@ -77,7 +86,7 @@ class Statistics:
         """Sums of activation x gradient of `metric` at the last prompt token (causal scores)."""
         encoded = self.encode(prompts)
         key = statistics_key(model=self.identity, site=self.site, prompts=encoded, position=position,
-                             top_fraction=None, score=metric_id)
+                             top_fraction=None, score=metric_id, prompt_format=self.prompt_format())
         return self.cache.get_or_compute(key, lambda: collect_gradients(
             self.adapter, encoded, metric, pad_token_id=self.tokenizer.pad_token_id, batch_size=self.batch_size,
             max_batch_tokens=self.max_batch_tokens, desc=metric_id.get("score", "gradients"),
@@ -128,6 +137,10 @@ class SteeringMethod(ABC):
     @abstractmethod
     def intervention(self, adapter: ArchitectureAdapter, found: Found) -> Intervention:
         """The intervention that steers with what `discover` found."""
+
+    def neuron_cards(self, statistics: Statistics, sets: DiscoverySets, found: Found) -> tuple[list, dict] | None:
+        """One card per circuit neuron and the page's header (cna.neurons.write_cards); None: the method has none."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """Settings W&B and the report show beside the method's name."""

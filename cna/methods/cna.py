@@ -6,13 +6,19 @@ difference, or an attribution-patching estimate of its effect (cna/attribution.p
 (k a fraction of all MLP neurons, or a count; by |score| or one sign; optionally within a layer range) form
 the circuit, after dropping *universal* neurons that are among the most active on almost any prompt
 (the paper's section 3.2) and refilling from the ranking.
+
+Beyond the paper: `stability` repeats the selection on resampled discovery sets (cna/stability.py) and may steer the
+circuit's stable core or the rest instead; `cards` describes every circuit neuron (cna/neurons.py, `neurons.md`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
-from cna.attribution import GRADIENT_SCORES, SCORES, score_metric, score_neurons
+import torch
+
+from cna.attribution import GRADIENT_SCORES, SCORES, GradientStatistics, score_metric, score_neurons
 from cna.circuit import Circuit
 from cna.data import packaged_prompts
 from cna.discovery import (
@@ -20,6 +26,7 @@ from cna.discovery import (
     SIGNS,
     ActivationStatistics,
     NeuronScores,
+    eligible_ranking,
     layer_at_fraction,
     resolve_layer_range,
     select_circuit,
@@ -31,7 +38,20 @@ from cna.interventions import POSITIONS as STEERED_POSITIONS
 from cna.methods import register_method
 from cna.methods.base import DiscoverySets, Statistics, SteeringMethod
 from cna.models import ArchitectureAdapter, ModelShape
+from cna.neurons import NeuronCard, eligible_ranks, neuron_cards
 from cna.schema import bounded, choice
+from cna.stability import (
+    SUBSETS,
+    PromptValues,
+    candidate_neurons,
+    measure_stability,
+    output_weights,
+    prompt_values,
+    subset_circuit,
+    with_frequencies,
+)
+
+log = logging.getLogger(__name__)
 
 DEFAULT_REFUSAL_STARTS = ["I'm sorry", "I cannot", "I can't", "Sorry"]
 
@@ -65,6 +85,48 @@ class UniversalConfig:
 
 
 @dataclass
+class StabilityConfig:
+    """Discovery repeated on resampled discovery sets, from per-prompt values of a candidate pool recorded once."""
+
+    resamples: int = bounded(0, 0, integer=True)  # 0: off; N subsets of each set, and the two disjoint halves
+    fraction: float = bounded(0.5, 0, 1, low_open=True)  # of each discovery set per resample, without replacement
+    candidates: int | None = bounded(None, 1, integer=True)  # the recorded pool; null: max(4096, 4k) best
+    core_threshold: float = bounded(0.8, 0, 1, low_open=True)  # the stable core: chosen in at least this share
+    steer: str = choice("full", SUBSETS)  # full | core | rest | core_matched (cna.stability.subset_circuit)
+    seed: int = bounded(0, 0, integer=True)  # the resamples
+    subset_seed: int = bounded(0, 0, integer=True)  # the draw of `rest` and `core_matched`
+
+
+@dataclass
+class CardsConfig:
+    """One card per circuit neuron: neurons.md / neurons.json in the run folder and a W&B table."""
+
+    enabled: bool = True
+    tokens: int = bounded(10, 1, integer=True)  # promoted and suppressed tokens per neuron
+    prompts: int = bounded(3, 0, integer=True)  # most and least activating discovery prompts per neuron
+    effect: str = choice("auto", ("auto", "none", *GRADIENT_SCORES))  # auto: the job's gradient score, if any
+
+
+EFFECT_METRICS = {"attribution": "the refusal log-odds at the first response token",
+                  "target": "the target minus counterfactual logit"}
+
+
+@dataclass
+class Selection:
+    """What a circuit is chosen from: every neuron's scores, the universal neurons left out, the layer range."""
+
+    scores: NeuronScores
+    universal: torch.Tensor | None
+    layers: tuple[int, int | None] | None
+    direction_layer: int
+    gradients: GradientStatistics | None = None  # behind a gradient score
+
+    def ranking(self, sign: str) -> torch.Tensor:
+        """Eligible flat neuron ids, best first: the order the circuit takes its k from."""
+        return eligible_ranking(self.scores.ranking, sign, self.layers, self.universal)
+
+
+@dataclass
 class CnaConfig:
     """`method=cna` (conf/method/cna.yaml)."""
 
@@ -82,6 +144,8 @@ class CnaConfig:
     mode: str = choice("scale", NEURON_MODES)  # scale: m * x; mean: toward the negative-set mean
     positions: str = choice("all", STEERED_POSITIONS)  # where steering acts
     seed: int = bounded(0, 0, integer=True)  # the random control's draw
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
+    cards: CardsConfig = field(default_factory=CardsConfig)
 
 
 @register_method
@@ -95,6 +159,13 @@ class CnaMethod(SteeringMethod):
 
     config: CnaConfig
 
+    def __init__(self, config: CnaConfig):
+        super().__init__(config)
+        # The last selection and pool values, and what they were made from: the cards reuse discovery's, not a
+        # second read (or, without a cache, a second pass).
+        self._selected: tuple[Statistics, DiscoverySets, Selection, dict] | None = None
+        self._values: tuple[Statistics, DiscoverySets, PromptValues] | None = None
+
     def check(self) -> None:
         config = self.config
         if config.k is None and config.k_fraction is None:
@@ -107,6 +178,13 @@ class CnaMethod(SteeringMethod):
             raise ConfigError("method.refusal_starts: expected a non-empty list of response openings such as "
                               f"\"I'm sorry\", got {starts!r}")
         check_layer_range(config.layers)
+        stability = config.stability
+        if stability.resamples and self.name != "cna":
+            raise ConfigError(f"method.stability.resamples: expected 0 for method {self.name} (resampling repeats "
+                              f"CNA's selection), got {stability.resamples}")
+        if stability.steer != "full" and not stability.resamples:
+            raise ConfigError(f"method.stability.resamples: expected at least 1 for method.stability.steer="
+                              f"{stability.steer}, got {stability.resamples}")
 
     def check_shape(self, n_layers: int, neurons_per_layer: int | None, model_name: str) -> None:
         self.check_model_shape(ModelShape(n_layers, neurons_per_layer), model_name)
@@ -121,6 +199,14 @@ class CnaMethod(SteeringMethod):
             if config.k > available:
                 raise ConfigError(f"method.k: expected at most {available} (the MLP neurons in {where} {per_layer} "
                                   f"of {model_name}), got {config.k!r}")
+        if shape.moe_layers:
+            self.check_dense(model_name)
+
+    def check_dense(self, model_name: str) -> None:
+        """Stability keys neurons by (layer, index), which an expert's neuron (layer, expert, index) is not."""
+        if self.config.stability.resamples:
+            raise ConfigError(f"method.stability.resamples: expected 0 for {model_name}, a mixture of experts "
+                              f"(stability supports dense models only), got {self.config.stability.resamples}")
 
     def filter_statistics(self, statistics: Statistics) -> ActivationStatistics | None:
         """The diverse prompts' statistics behind the universal filter: they depend on the model alone, so one
@@ -131,43 +217,149 @@ class CnaMethod(SteeringMethod):
         return statistics.activations(packaged_prompts("diverse"), "diverse", position=self.config.position,
                                       top_fraction=universal.top_fraction)
 
+    def direction_layer(self, n_layers: int) -> int:
+        """projection: the layer of the residual mean difference."""
+        config = self.config
+        return (config.direction_layer if config.direction_layer is not None
+                else layer_at_fraction(n_layers, config.direction_layer_fraction))
+
+    def metric(self, statistics: Statistics, sets: DiscoverySets, score: str):
+        """The behaviour metric M of a gradient score, and what identifies it (cna.attribution.score_metric)."""
+        return score_metric(score, statistics.tokenizer, refusal_starts=self.config.refusal_starts,
+                            positive=sets.positive, negative=sets.negative, sources=sets.sources)
+
     def scores(self, statistics: Statistics, sets: DiscoverySets) -> tuple[NeuronScores, dict]:
         """Every neuron's score and the settings that produced it (for circuit.json)."""
+        scores, settings, _ = self.scores_and_gradients(statistics, sets)
+        return scores, settings
+
+    def scores_and_gradients(self, statistics: Statistics, sets: DiscoverySets,
+                             ) -> tuple[NeuronScores, dict, GradientStatistics | None]:
+        """`scores`, with the positive set's gradient sums behind a gradient score (None for the others)."""
         config, adapter = self.config, statistics.adapter
         positive = statistics.activations(sets.positive, "positive", position=config.position)
         negative = statistics.activations(sets.negative, "negative", position=config.position)
         gradients = None
         if config.score in GRADIENT_SCORES:
-            metric, metric_id = score_metric(config.score, statistics.tokenizer, refusal_starts=config.refusal_starts,
-                                             positive=sets.positive, negative=sets.negative, sources=sets.sources)
+            metric, metric_id = self.metric(statistics, sets, config.score)
             gradients = statistics.gradients(sets.positive, metric, metric_id, position=config.position)
-        direction_layer = (config.direction_layer if config.direction_layer is not None
-                           else layer_at_fraction(adapter.n_layers, config.direction_layer_fraction))
+        direction_layer = self.direction_layer(adapter.n_layers)
         scores = score_neurons(config.score, positive, negative, adapter, direction_layer=direction_layer,
                                gradients=gradients)
         settings = {"position": config.position, "mode": config.mode, "layers_requested": config.layers,
                     "score": config.score,
                     **({"direction_layer": direction_layer} if config.score == "projection" else {}),
                     **({"refusal_starts": list(config.refusal_starts)} if config.score == "attribution" else {})}
-        return scores, settings
+        return scores, settings, gradients
 
     def discover(self, statistics: Statistics, sets: DiscoverySets, *, model_name: str) -> Circuit:
-        return self.circuit_and_scores(statistics, sets, model_name=model_name)[0]
+        if statistics.adapter.has_experts:  # where config.json could not be read before the model loaded
+            self.check_dense(model_name)
+        circuit, chosen, _ = self.circuit_and_selection(statistics, sets, model_name=model_name)
+        if self.config.stability.resamples:
+            circuit = self.resampled(statistics, sets, circuit, chosen)
+        return circuit
+
+    def selection(self, statistics: Statistics, sets: DiscoverySets) -> tuple[Selection, dict]:
+        """The scores, universal neurons and layer range a circuit is chosen from (cached statistics), and the
+        settings circuit.json records."""
+        if self._selected is not None and self._selected[0] is statistics and self._selected[1] is sets:
+            return self._selected[2], self._selected[3]
+        config, n_layers = self.config, statistics.adapter.n_layers
+        diverse = self.filter_statistics(statistics)
+        scores, settings, gradients = self.scores_and_gradients(statistics, sets)
+        universal = None if diverse is None else universal_neurons(diverse, config.universal.threshold)
+        chosen = Selection(scores, universal, resolve_layer_range(config.layers, n_layers),
+                           self.direction_layer(n_layers), gradients)
+        self._selected = (statistics, sets, chosen, settings)
+        return chosen, settings
+
+    def circuit_and_selection(self, statistics: Statistics, sets: DiscoverySets, *,
+                              model_name: str) -> tuple[Circuit, Selection, dict]:
+        config = self.config
+        chosen, settings = self.selection(statistics, sets)
+        filtered = chosen.universal is not None
+        circuit = select_circuit(
+            chosen.scores, model=model_name, k_fraction=config.k_fraction, k=config.k, sign=config.sign,
+            layers=chosen.layers, universal=chosen.universal, prompts=sets.provenance(),
+            settings={**settings,
+                      "universal_threshold": config.universal.threshold if filtered else None,
+                      "universal_top_fraction": config.universal.top_fraction if filtered else None})
+        return circuit, chosen, settings
 
     def circuit_and_scores(self, statistics: Statistics, sets: DiscoverySets, *,
                            model_name: str) -> tuple[Circuit, NeuronScores]:
-        config, adapter = self.config, statistics.adapter
-        diverse = self.filter_statistics(statistics)
-        scores, settings = self.scores(statistics, sets)
-        universal = None if diverse is None else universal_neurons(diverse, config.universal.threshold)
-        circuit = select_circuit(
-            scores, model=model_name, k_fraction=config.k_fraction, k=config.k, sign=config.sign,
-            layers=resolve_layer_range(config.layers, adapter.n_layers), universal=universal,
-            prompts=sets.provenance(),
-            settings={**settings,
-                      "universal_threshold": config.universal.threshold if universal is not None else None,
-                      "universal_top_fraction": config.universal.top_fraction if universal is not None else None})
-        return circuit, scores
+        circuit, chosen, _ = self.circuit_and_selection(statistics, sets, model_name=model_name)
+        return circuit, chosen.scores
+
+    # --- what the circuit's neurons are: stability and cards ------------------------------------------------------
+
+    def candidate_pool(self, chosen: Selection, k: int) -> torch.Tensor:
+        """The neurons whose per-prompt values are recorded: resampled circuits choose from them, cards read them."""
+        config = self.config
+        return candidate_neurons(chosen.scores, k=k, sign=config.sign, layers=chosen.layers,
+                                 universal=chosen.universal, count=config.stability.candidates)
+
+    def pool_values(self, statistics: Statistics, sets: DiscoverySets, pool: torch.Tensor,
+                    chosen: Selection) -> PromptValues:
+        """The pool's per-prompt values with what the job's score needs to be recomputed on a subset (cached)."""
+        last = self._values
+        if last is not None and last[0] is statistics and last[1] is sets and torch.equal(last[2].neurons, pool):
+            return last[2]
+        score = self.config.score
+        metric, metric_id = self.metric(statistics, sets, score) if score in GRADIENT_SCORES else (None, None)
+        residual_layer = chosen.direction_layer if score == "projection" else None
+        values = prompt_values(statistics, sets, pool, position=self.config.position, metric=metric,
+                               metric_id=metric_id, residual_layer=residual_layer)
+        self._values = (statistics, sets, values)
+        return values
+
+    def resampled(self, statistics: Statistics, sets: DiscoverySets, circuit: Circuit, chosen: Selection) -> Circuit:
+        """Each neuron's selection frequency over resampled discovery sets, and the circuit `stability.steer` names:
+        the full circuit, its stable core, or a draw from the rest."""
+        config, settings = self.config, self.config.stability
+        pool = self.candidate_pool(chosen, circuit.k)
+        values = self.pool_values(statistics, sets, pool, chosen)
+        writes = output_weights(statistics.adapter, pool) if config.score == "projection" else None
+        stability = measure_stability(values, circuit, score=config.score, sign=config.sign,
+                                      resamples=settings.resamples, fraction=settings.fraction, seed=settings.seed,
+                                      core_threshold=settings.core_threshold, writes=writes)
+        return subset_circuit(with_frequencies(circuit, stability), stability, settings.steer, settings.subset_seed)
+
+    def neuron_cards(self, statistics: Statistics, sets: DiscoverySets,
+                     found: Circuit) -> tuple[list[NeuronCard], dict] | None:
+        config = self.config
+        if not config.cards.enabled:
+            return None
+        if statistics.adapter.has_experts:  # cards read (layer, index) neurons; on by default, so skipped, not refused
+            log.info("neuron cards: not written for %s, a mixture of experts (dense models only)", found.model)
+            return None
+        adapter, width = statistics.adapter, found.neurons_per_layer
+        chosen, _ = self.selection(statistics, sets)
+        # The pool of the full circuit (a sweep over k shares it); stability recorded it with the score's values.
+        pool = self.candidate_pool(chosen, int(found.stability.get("k", found.k)))
+        flats = [n.layer * width + n.index for n in found.neurons]
+        if set(flats) <= set(pool.tolist()):
+            values = (self.pool_values(statistics, sets, pool, chosen) if config.stability.resamples
+                      else prompt_values(statistics, sets, pool, position=config.position))
+        else:  # a random circuit's neurons mostly lie outside the pool
+            values = prompt_values(statistics, sets, torch.tensor(flats), position=config.position)
+        effect = config.cards.effect
+        if effect == "auto":
+            effect = config.score if config.score in GRADIENT_SCORES else "none"
+        gradients = chosen.gradients if effect == config.score else None
+        if effect != "none" and gradients is None:
+            metric, metric_id = self.metric(statistics, sets, effect)
+            gradients = statistics.gradients(sets.positive, metric, metric_id, position=config.position)
+        cards = neuron_cards(adapter, statistics.tokenizer, found, values, positive=sets.positive,
+                             negative=sets.negative,
+                             ranks=eligible_ranks(chosen.ranking(config.sign), width, [n.key for n in found.neurons]),
+                             gradients=gradients, negative_mean=chosen.scores.negative_mean,
+                             tokens=config.cards.tokens, prompts=config.cards.prompts)
+        header = {"model": found.model, "method": found.method, "score": found.score, "sign": config.sign,
+                  "k": found.k, "metric": EFFECT_METRICS.get(effect), "stability": found.stability,
+                  "subset": found.settings.get("stability_subset", "full")}
+        return cards, header
 
     def intervention(self, adapter: ArchitectureAdapter, found: Circuit) -> NeuronScale:
         return NeuronScale(adapter, found, mode=self.config.mode, positions=self.config.positions)

@@ -1,4 +1,5 @@
-"""What a report computes from runs: the refusal-vs-KL Pareto front, circuit overlaps, refusal changes."""
+"""What a report computes from runs: the refusal-vs-KL Pareto front, circuit overlaps, refusal and harmful-compliance
+changes."""
 
 from __future__ import annotations
 
@@ -64,14 +65,46 @@ def overlap_matrix(circuits: list[Circuit]) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class RateChange:
+    """One rate of a run at its strongest point against its own unsteered point, with 95% intervals."""
+
+    before: float
+    before_ci: tuple[float, float]
+    after: float
+    after_ci: tuple[float, float]
+    change: float
+    ci95: tuple[float, float]
+
+    @classmethod
+    def between(cls, baseline: Point, steered: Point, rate: str, ci: str) -> RateChange | None:
+        values = [(p.value(rate), p.value(ci)) for p in (baseline, steered)]
+        if not all(is_number(v) and isinstance(c, (list, tuple)) and len(c) == 2 for v, c in values):
+            return None
+        (before, before_ci), (after, after_ci) = values
+        return cls(before, tuple(before_ci), after, tuple(after_ci), after - before,
+                   difference_interval(before, before_ci, after, after_ci))
+
+    def direction(self, fell: str = "fell", rose: str = "rose") -> str:
+        if self.ci95[1] < 0:
+            return fell
+        return rose if self.ci95[0] > 0 else "no significant change"
+
+    def describe(self) -> str:
+        return (f"{fmt_ci(self.before, self.before_ci, '.2f')} -> {fmt_ci(self.after, self.after_ci, '.2f')} "
+                f"({self.change:+.2f} [{self.ci95[0]:+.2f}, {self.ci95[1]:+.2f}]")
+
+
+@dataclass(frozen=True)
 class RefusalChange:
-    """A run's refusal at its strongest point against its own unsteered point (alpha = 0)."""
+    """A run's refusal (and harmful compliance, where measured) at its strongest point against its own unsteered
+    point (alpha = 0)."""
 
     run: Run
     baseline: Point
     steered: Point
     change: float
     ci95: tuple[float, float]
+    harmful: RateChange | None = None  # harmful compliance (cna.evaluation.compliance), where both points have it
 
     @property
     def verdict(self) -> str:
@@ -99,12 +132,22 @@ def refusal_changes(runs: list[Run]) -> list[RefusalChange]:
         if not all(isinstance(ci, (list, tuple)) and len(ci) == 2 for ci in cis):
             continue
         ci95 = difference_interval(baseline.refusal_rate, cis[0], strongest.refusal_rate, cis[1])
-        changes.append(RefusalChange(run, baseline, strongest, strongest.refusal_rate - baseline.refusal_rate, ci95))
+        harmful = RateChange.between(baseline, strongest, "harmful_compliance_rate", "harmful_compliance_ci95")
+        changes.append(RefusalChange(run, baseline, strongest, strongest.refusal_rate - baseline.refusal_rate, ci95,
+                                     harmful))
     return changes
 
 
 def effect_sentence(changes: list[RefusalChange]) -> str:
-    """One sentence: which runs reduced refusal and by how much, and what the others did, with intervals."""
+    """One sentence with intervals: per run, harmful compliance and refusal together where harmful compliance was
+    measured (cna.evaluation.compliance); otherwise which runs reduced refusal and what the others did."""
+    if any(c.harmful for c in changes):
+        parts = []
+        for c in changes:
+            harmful = (f"harmful compliance {c.harmful.describe()}, {c.harmful.direction()})" if c.harmful
+                       else "harmful compliance n/a")
+            parts.append(f"{c.run.display}: {harmful}; refusal {c.describe()} ({c.verdict})")
+        return "Harmful compliance and refusal, unsteered -> strongest point: " + "; ".join(parts) + "."
     reduced = [c for c in changes if c.verdict == "reduced"]
     others = [c for c in changes if c.verdict != "reduced"]
     listed_others = "; ".join(f"{c.run.display} ({c.verdict}: {c.describe()})" for c in others)

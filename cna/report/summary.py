@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from pathlib import Path
 
 from cna.circuit import localisation
 from cna.evaluation.metric import Field, metric_types
+from cna.neurons import CARDS_MD, read_cards, token_list
 from cna.report.analysis import (
     MISSING,
     QUALITY_FLOOR,
@@ -123,6 +125,45 @@ def _circuit_section(run: Run) -> list[str]:
     return lines + [""]
 
 
+def _stability_section(runs: list[Run]) -> list[str]:
+    """Resampled discovery (method.stability): how alike the resampled circuits are, and the stable core."""
+    rows = []
+    for run in runs:
+        found = run.circuit.stability
+        if not found:
+            continue
+        steered = run.circuit.settings.get("stability_subset", "full")
+        rows.append([run.display, f"{found['resamples']} x {found['fraction']:.0%}",
+                     f"{fmt(found.get('jaccard_mean'))} ± {fmt(found.get('jaccard_sd'))} "
+                     f"[{fmt(found.get('jaccard_min'))}, {fmt(found.get('jaccard_max'))}]",
+                     fmt(found.get("halves_jaccard")),
+                     f"{found['core_size']} / {found['k']} (>= {found['core_threshold']:.0%})",
+                     f"{found['deepest_rank']} / {found['candidates']}", f"{steered} ({run.circuit.k})"])
+    if not rows:
+        return []
+    header = ["run", "resamples x share", "Jaccard of resampled circuits: mean ± sd [min, max]", "halves Jaccard",
+              "stable core / k", "deepest rank / candidates", "steered (neurons)"]
+    return ["## Circuit stability", ""] + _table(header, rows) + [""]
+
+
+def _neurons_section(runs: list[Run], page_folder: Path, top: int = 5) -> list[str]:
+    """The top neurons of each run's cards (neurons.md in its folder, linked from `page_folder`), with the tokens
+    their output weights promote."""
+    lines = []
+    for run in runs:
+        found = read_cards(run.path)
+        if found is None:
+            continue
+        _, cards = found
+        rows = [[card.name, fmt(card.rank, "d") if card.rank is not None else MISSING, fmt(card.score, ".3g"),
+                 fmt(card.selection_frequency), token_list(card.promoted[:5])]
+                for card in sorted(cards, key=lambda c: (c.rank is None, c.rank or 0))[:top]]
+        link = Path(os.path.relpath(run.path.resolve() / CARDS_MD, page_folder.resolve())).as_posix()
+        lines += [f"### {run.display}", "", f"[all {len(cards)} cards]({link})", ""]
+        lines += _table(["neuron", "rank", "score", "selection frequency", "promotes"], rows) + [""]
+    return ["## Top neurons", ""] + lines if lines else []
+
+
 def _overlap_section(runs: list[Run]) -> list[str]:
     """Shared (layer, neuron) pairs for every pair of circuits, as a count and a share of the smaller circuit."""
     matrix = overlap_matrix([run.circuit for run in runs])
@@ -197,6 +238,8 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
         lines += ["## Neuron circuits", ""]
         for run in with_circuit:
             lines += _circuit_section(run)
+        lines += _stability_section(with_circuit)
+        lines += _neurons_section(with_circuit, path.parent)
     if len(with_circuit) >= 2:
         lines += _overlap_section(with_circuit)
     if len(steered_points(runs)) >= 2:

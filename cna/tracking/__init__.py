@@ -9,6 +9,7 @@ from cna.tracking.offline_log import OfflineRun, offline_run_files, read_offline
 from cna.tracking.tracker import (
     FULL_STRENGTH_TABLE,
     GENERATION_COLUMNS,
+    NEURON_TABLE,
     NullTracker,
     Tracker,
     point_metrics,
@@ -16,6 +17,6 @@ from cna.tracking.tracker import (
 )
 from cna.tracking.wandb_run import MODES, WandbTracker, api_key_available, base_url, make_tracker, resolve_mode
 
-__all__ = ["FULL_STRENGTH_TABLE", "GENERATION_COLUMNS", "MODES", "NullTracker", "OfflineRun", "Tracker",
+__all__ = ["FULL_STRENGTH_TABLE", "GENERATION_COLUMNS", "MODES", "NEURON_TABLE", "NullTracker", "OfflineRun", "Tracker",
            "WandbTracker", "api_key_available", "base_url", "make_tracker", "offline_run_files", "point_metrics",
            "read_offline_run", "resolve_mode", "summary_values"]

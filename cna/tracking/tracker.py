@@ -13,6 +13,7 @@ from cna.run_folder import JobResults, Point
 GENERATION_COLUMNS = ("alpha", "set", "prompt", "response", "refused", "quality")
 # The rows at alpha = 1 (full ablation) as a table of their own: W&B's table panels cannot filter rows.
 FULL_STRENGTH_TABLE = "generations_alpha_1"
+NEURON_TABLE = "neurons"  # the neuron cards, one row per circuit neuron (cna/neurons.py)
 
 
 class Tracker:
@@ -20,6 +21,9 @@ class Tracker:
 
     def log_circuit(self, path: Path) -> None:
         """Record circuit.json (an artifact of type "circuit")."""
+
+    def log_neurons(self, rows: list[dict]) -> None:
+        """Record the neuron cards (cna.neurons.NeuronCard.table_row, one flat row per neuron) as a table."""
 
     def log_point(self, point: Point) -> None:
         """Record one strength point (a results.json "points" entry)."""

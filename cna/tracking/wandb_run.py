@@ -35,6 +35,7 @@ from cna.run_folder import JobResults, Point
 from cna.tracking.tracker import (
     FULL_STRENGTH_TABLE,
     GENERATION_COLUMNS,
+    NEURON_TABLE,
     NullTracker,
     Tracker,
     point_metrics,
@@ -152,6 +153,15 @@ class WandbTracker(Tracker):
             self.run.log_artifact(artifact)
             self.run.summary.update({f"circuit/{k}": v for k, v in content.items()
                                      if isinstance(v, Real) and not isinstance(v, bool)})
+
+    def log_neurons(self, rows: list[dict]) -> None:
+        if self.run is None or not rows:
+            return
+        with self._guard("logging the neuron table"):
+            columns = list(dict.fromkeys(key for row in rows for key in row))
+            self.run.summary[NEURON_TABLE] = self._wandb.Table(
+                columns=columns, data=[[row.get(column) for column in columns] for row in rows],
+                allow_mixed_types=True)
 
     def log_point(self, point: Point) -> None:
         if self.run is None:

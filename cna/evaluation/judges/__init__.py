@@ -11,10 +11,17 @@ judge metric (`eval.judge`).
 from cna.evaluation.judges.backends import Backend, HFBackend, OpenAIBackend
 from cna.evaluation.judges.metric import BACKENDS, JUDGES, JudgeConfig, JudgeMetric, describe, judge_point, make_judge
 from cna.evaluation.judges.rubrics import RUBRICS, RatingRubric, Rubric, StrongRejectRubric, Verdict, YesNoRubric
-from cna.evaluation.judges.verdicts import Judge, VerdictCache, cohen_kappa, judge_summary, verdict_key
+from cna.evaluation.judges.verdicts import (
+    Judge,
+    VerdictCache,
+    cohen_kappa,
+    judge_summary,
+    kappa_interval,
+    verdict_key,
+)
 from cna.evaluation.judges.yesno import JUDGE_QUESTION, LLMRefusalJudge
 
 __all__ = ["BACKENDS", "JUDGES", "JUDGE_QUESTION", "RUBRICS", "Backend", "HFBackend", "Judge", "JudgeConfig",
            "JudgeMetric", "LLMRefusalJudge", "OpenAIBackend", "RatingRubric", "Rubric", "StrongRejectRubric",
            "Verdict", "VerdictCache", "YesNoRubric", "cohen_kappa", "describe", "judge_point", "judge_summary",
-           "make_judge", "verdict_key"]
+           "kappa_interval", "make_judge", "verdict_key"]

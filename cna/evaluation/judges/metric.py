@@ -80,7 +80,8 @@ def judge_point(judge: Judge, values: dict, records: list[dict]) -> None:
     """Judge every response of one strength point, in place: each record gains its verdict, the point's values
     the judge's summary for the harmful sets (records whose set is not an over-refusal set), every
     `over_refusal` entry the same fields for its set, and the pooled `judge_over_refusal_rate`."""
-    verdicts = judge([r["prompt"] for r in records], [r["response"] for r in records])
+    # A thinking model's reasoning never reaches the judge: it reads the answer (cna.reasoning).
+    verdicts = judge([r["prompt"] for r in records], [r.get("answer", r["response"]) for r in records])
     for record, verdict in zip(records, verdicts, strict=True):
         record.update(verdict.record())
     over_refusal = values.get("over_refusal") or {}
@@ -97,7 +98,7 @@ def judge_point(judge: Judge, values: dict, records: list[dict]) -> None:
 class JudgeMetric(Metric):
     name = "judge"
     config_type = JudgeConfig
-    order = 90
+    order = 11  # right after refusal, before the three-way verdicts (cna.evaluation.compliance) read its items
     steered = False
     logged_when = "logged only when eval.judge is set (the LLM judge)"
     fields = (

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from cna.evaluation.intervals import bootstrap_interval, wilson_interval
 from cna.evaluation.judges.backends import Backend
@@ -107,12 +110,32 @@ def judge_summary(verdicts: Sequence[Verdict], *, seed: int = 0) -> dict:
     }
 
 
-def cohen_kappa(a: list[bool], b: list[bool]) -> float | None:
-    """Agreement beyond chance of two binary raters; None where it is undefined (both raters constant alike)."""
+def cohen_kappa(a: Sequence[Hashable], b: Sequence[Hashable]) -> float | None:
+    """Agreement beyond chance of two raters over any labels (True/False, or classes such as the three compliance
+    verdicts); None where it is undefined (both raters give one and the same label throughout)."""
     n = len(a)
     if n == 0:
         return None
     observed = sum(x == y for x, y in zip(a, b, strict=True)) / n
-    pa, pb = sum(a) / n, sum(b) / n
-    chance = pa * pb + (1 - pa) * (1 - pb)
+    counts_a, counts_b = Counter(a), Counter(b)
+    chance = sum(counts_a[label] * counts_b[label] for label in counts_a) / (n * n)
     return None if chance == 1 else (observed - chance) / (1 - chance)
+
+
+def kappa_interval(a: Sequence[Hashable], b: Sequence[Hashable], *, resamples: int = 2000, seed: int = 0,
+                   level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of Cohen's kappa over the rated items (resampled in pairs, seeded); resamples
+    where kappa is undefined are left out. None where it is undefined on the items themselves."""
+    if cohen_kappa(a, b) is None:
+        return None
+    rng = np.random.default_rng(seed)
+    pairs = list(zip(a, b, strict=True))
+    values = []
+    for _ in range(resamples):
+        drawn = [pairs[i] for i in rng.integers(0, len(pairs), size=len(pairs))]
+        kappa = cohen_kappa([x for x, _ in drawn], [y for _, y in drawn])
+        if kappa is not None:
+            values.append(kappa)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
