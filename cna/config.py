@@ -40,6 +40,7 @@ from cna.schema import bounded, choice
 CONF = Path(__file__).resolve().parents[1] / "conf"
 LOGGERS = ("wandb", "none")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
+EXPECTATIONS = ("decrease", "increase")
 # Settings of `eval` shared by every metric that reads responses; its other keys are metrics.
 EVAL_SETTINGS = ("quality_n", "classifier_window")
 
@@ -74,6 +75,31 @@ class PromptsConfig:
     n_negative: int | None = bounded(None, 1, integer=True)
     dedup: bool = False  # drop exact and near copies of the evaluation sets' prompts first
     dedup_threshold: float = bounded(0.8, 0, 1, low_open=True)
+
+
+@dataclass
+class BehaviourEffect:
+    """One expected effect of steering a behaviour: the point field that shows it and which way it should move."""
+
+    field: str = "refusal_rate"
+    expect: str = choice("decrease", EXPECTATIONS)
+
+
+@dataclass
+class BehaviourConfig:
+    """A conf/behaviour/*.yaml file: what is steered and how it is measured.
+
+    The file selects the discovery pair (`prompts`) and the evaluation (`eval`, holding the behaviour's metric
+    with its held-out sets); this node names the behaviour, its metric plug-in, and the effects expected of
+    removal (ablation, alpha > 0, on the positive side) and of induction (amplification, m > 1, on the negative
+    side). It labels results, the report, W&B and the dashboard; it measures nothing itself.
+    """
+
+    name: str = "refusal"
+    metric: str = "refusal"  # the metric plug-in under `eval` that measures it
+    remove: BehaviourEffect = field(default_factory=BehaviourEffect)
+    induce: BehaviourEffect = field(default_factory=lambda: BehaviourEffect("over_refusal_rate", "increase"))
+    about: str = ""
 
 
 @dataclass
@@ -130,6 +156,7 @@ class JobSchema:
 
     model: Any = None
     prompts: Any = None
+    behaviour: Any = None
     method: Any = None
     eval: Any = None
     logger: Any = None
@@ -164,6 +191,7 @@ class JobConfig:
     prompts: PromptsConfig
     method: Any  # the method's config dataclass (cna.methods), e.g. CnaConfig
     eval: EvalConfig = field(default_factory=EvalConfig)
+    behaviour: BehaviourConfig = field(default_factory=BehaviourConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
@@ -201,6 +229,8 @@ class JobConfig:
             prompts=_typed(cfg.prompts, PromptsConfig, "prompts"),
             method=_typed(cfg.method, known_methods[method_name].config_type, "method"),
             eval=_eval_config(cfg.eval),
+            behaviour=(BehaviourConfig() if cfg.get("behaviour") is None
+                       else _typed(cfg.behaviour, BehaviourConfig, "behaviour")),
             logger=_typed(cfg.logger, LoggerConfig, "logger"),
             engine=engine_type() if cfg.engine is None else _typed(cfg.engine, engine_type, "engine"),
             cache=CacheConfig(schema.cache_dir, schema.reuse_baseline, schema.prefix_reuse_mib,
@@ -279,6 +309,7 @@ def register_schemas() -> None:
     store.store(name="_job_schema", node=JobSchema)
     store.store(group="model", name="_schema", node=ModelConfig)
     store.store(group="prompts", name="_schema", node=PromptsConfig)
+    store.store(group="behaviour", name="_schema", node=BehaviourConfig)
     store.store(group="logger", name="_schema", node=LoggerConfig)
     for name, method in method_types().items():
         store.store(group="method", name=f"_{name}_schema", node=_schema_node(method.config_type))

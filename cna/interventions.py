@@ -97,8 +97,11 @@ class Intervention(ABC):
         """The hooks that apply this intervention at strength alpha."""
 
     def multiply(self, multiplier: float):
-        """Context manager: the strength as a multiplier m = 1 - alpha (neuron methods also take m > 1)."""
-        return self.steer(1.0 - multiplier)
+        """Context manager: the strength as a multiplier m = 1 - alpha; m > 1 (alpha < 0) reverses the intervention
+        and amplifies what it removes: CAA adds its vector, directional ablation scales the projection by m."""
+        if multiplier < 0:
+            raise ConfigError(f"multiplier must be >= 0, got {multiplier}")
+        return self._attached(self.hooks(1.0 - float(multiplier)))
 
     def hooks_at(self, alpha: float, multiplier: float | None = None) -> list[Hook]:
         """The hooks `steer(alpha)` (or `multiply(multiplier)`) attaches at every position, for an engine that

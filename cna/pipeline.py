@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -314,11 +315,15 @@ def run(job: JobConfig, run_dir: str | Path, *, group: str | None = None) -> Job
         engine = start_engine(job, lm)
     done = list(previous.points) if previous else []
     finished_records = keep_finished_generations(run_dir, {point.alpha for point in done})
+    behaviour = job.behaviour
     results = JobResults(job.model.name, job.method.name, points=done, timings_s=timings, extra={
+        "behaviour": behaviour.name, "behaviour_metric": behaviour.metric,
+        "behaviour_effects": {"remove": dataclasses.asdict(behaviour.remove),
+                              "induce": dataclasses.asdict(behaviour.induce)},
         "config_sha256": sha, "in_sample": data.sets.in_sample, "discovery_overlap": data.sets.overlap,
         "cache": {"hits": cache.hits, "misses": cache.misses}})
     tracker = make_tracker(job.logger, run_dir=run_dir, group=group, model=job.model.name, method=job.method.name,
-                           config=job.settings)
+                           config=job.settings, behaviour=behaviour.name)
     try:
         tracker.log_circuit(run_dir / CIRCUIT)
         tracker.log_neurons([card.table_row() for card in page[0]] if page is not None else [])

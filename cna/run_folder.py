@@ -34,8 +34,9 @@ POINT_FIELDS = ("alpha", "multiplier", "refusal_rate", "refusal_ci95", "quality"
 
 
 def config_sha256(settings: dict) -> str:
-    """What makes two jobs the same (and a run folder resumable): the resolved config less bookkeeping keys."""
-    settings = {key: value for key, value in settings.items() if key not in ("resume", "logger", "hydra")}
+    """What makes two jobs the same (and a run folder resumable): the resolved config less bookkeeping keys and the
+    behaviour's label (its name and expected effects measure nothing: its prompts and metrics are in the rest)."""
+    settings = {key: value for key, value in settings.items() if key not in ("resume", "logger", "hydra", "behaviour")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 

@@ -46,6 +46,7 @@ def validate(job: JobConfig) -> SteeringMethod:
     method.check()
     _validate_sweep(job, method)
     _validate_search(job)
+    _validate_behaviour(job)
     known = metric_types()
     for name, config in job.eval.metrics.items():
         known[name].check(config)
@@ -57,9 +58,9 @@ def validate(job: JobConfig) -> SteeringMethod:
 def _validate_sweep(job: JobConfig, method: SteeringMethod) -> None:
     sweep = job.sweep
     if sweep.multipliers is not None:
-        if not method.neuron_level:
+        if not method.takes_multipliers():
             raise ConfigError(f"multipliers: expected null for method {job.method.name} (multipliers scale "
-                              f"neurons), got {sweep.multipliers!r}")
+                              f"neurons or CAA's vector), got {sweep.multipliers!r}")
         for i, value in enumerate(sweep.multipliers):
             if value < 0:
                 raise ConfigError(f"multipliers[{i}]: expected a number >= 0, got {shown(value)}")
@@ -86,6 +87,22 @@ def _validate_search(job: JobConfig) -> None:
         if _switched_off(job.eval.metrics.get(objectives[name])):
             raise ConfigError(f"search.objectives[{i}]: expected a metric this job measures (eval.{objectives[name]} "
                               f"is off), got {name!r}")
+
+
+def _validate_behaviour(job: JobConfig) -> None:
+    """The behaviour's metric is one the job measures, and its expected effects are fields that metric writes."""
+    behaviour = job.behaviour
+    check_settings(behaviour, "behaviour")
+    metric = metric_types().get(behaviour.metric)
+    if metric is None or behaviour.metric not in job.eval.metrics:
+        raise ConfigError(f"behaviour.metric: expected a metric this job measures ({', '.join(job.eval.metrics)}), "
+                          f"got {behaviour.metric!r}")
+    names = [f.name for m in metric_types().values() for f in m.fields]
+    for side in ("remove", "induce"):
+        name = getattr(behaviour, side).field
+        if name not in names:
+            raise ConfigError(f"behaviour.{side}.field: expected a point field of a metric (e.g. "
+                              f"{', '.join(f.name for f in metric.fields)}), got {name!r}")
 
 
 def _switched_off(config) -> bool:

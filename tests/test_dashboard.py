@@ -148,7 +148,8 @@ def test_offline_command_writes_the_spec_and_says_so_in_one_line(tmp_path, monke
     runset = viewspec["section"]["runSets"][0]
     assert {(f["key"]["name"], json.dumps(f["value"])) for f in runset["filters"]["filters"]} == {
         ("group", json.dumps(GROUP)), ("tags", json.dumps(["cna", "caa"]))}
-    assert [g["name"] for g in runset["grouping"]] == ["method.value.name", "model.value.name"]
+    assert [g["name"] for g in runset["grouping"]] == ["method.value.name", "model.value.name",
+                                                          "behaviour.value.name"]
     assert viewspec["section"]["settings"]["xAxis"] == "alpha"
     assert viewspec["section"]["settings"]["maxRuns"] == spec.max_runs == 100
     assert document["report"]["sections"] == [s.name for s in spec.sections]

@@ -147,7 +147,7 @@ def dashboard_spec() -> DashboardSpec:
     optional[summary("harmful_compliance_rate")] = metric_types()["compliance"].logged_when
     return DashboardSpec(
         x_axis=history("alpha"),
-        group_by=(config("method.name"), config("model.name")),
+        group_by=(config("method.name"), config("model.name"), config("behaviour.name")),
         group_colours={name: method.colour for name, method in method_types().items()},
         sections=(
             Section("Against alpha, by method and model", panels),

@@ -110,6 +110,10 @@ class SteeringMethod(ABC):
     def __init__(self, config):
         self.config = config
 
+    def takes_multipliers(self) -> bool:
+        """Whether its points may be given as multipliers m = 1 - alpha, m > 1 amplifying: neuron methods."""
+        return self.neuron_level
+
     def check(self) -> None:  # noqa: B027 - a method whose settings are independent has nothing to check
         """Raise ConfigError (one line naming the key) where settings contradict each other; before any model
         loads. Each setting's own type and allowed values are checked already (its config's schema)."""

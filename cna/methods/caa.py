@@ -46,6 +46,12 @@ class CaaMethod(SteeringMethod):
     colour = "#d62728"
     marker = "s"
 
+    def takes_multipliers(self) -> bool:
+        """m = 1 - alpha: m = 0 subtracts the vector (removal), m = 2 adds it (induction at the strength that moves
+        an average negative prompt onto the positive mean), m = 4 adds it three times; directional ablation (a
+        subclass) scales the direction's projection by m."""
+        return True
+
     def check_shape(self, n_layers: int, neurons_per_layer: int | None, model_name: str) -> None:
         layer = self.config.layer
         if layer is not None and not 0 <= layer < n_layers:

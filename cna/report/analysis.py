@@ -155,3 +155,55 @@ def effect_sentence(changes: list[RefusalChange]) -> str:
         return f"None of the {len(changes)} run(s) reduced refusal: {listed_others}."
     sentence = "Reduced refusal: " + "; ".join(f"{c.run.display} ({c.describe()})" for c in reduced)
     return sentence + (f"; did not: {listed_others}." if others else ".")
+
+
+@dataclass(frozen=True)
+class BehaviourEffect:
+    """One expected effect of a behaviour's steering (results.json `behaviour_effects`), measured on one run."""
+
+    side: str  # remove | induce
+    field: str
+    expect: str  # decrease | increase
+    point: Point
+    before: float
+    before_ci: list | None
+    after: float
+    after_ci: list | None
+
+    @property
+    def change(self) -> float:
+        return self.after - self.before
+
+    @property
+    def verdict(self) -> str:
+        ci = self.after_ci if isinstance(self.after_ci, (list, tuple)) and len(self.after_ci) == 2 else None
+        if ci is None:
+            return MISSING
+        low, high = ci
+        if (high < self.before) if self.expect == "decrease" else (low > self.before):
+            return "yes"
+        if (low > self.before) if self.expect == "decrease" else (high < self.before):
+            return "no"
+        return "within noise"
+
+
+def behaviour_effects(run: Run) -> list[BehaviourEffect]:
+    """The run's removal effect at its strongest ablation and induction effect at its strongest amplification."""
+    effects = run.results.extra.get("behaviour_effects") or {}
+    baseline = next((p for p in run.points if p.alpha == 0.0), None)
+    if baseline is None or not isinstance(effects, dict):
+        return []
+    removals = [p for p in run.points if p.alpha > 0]
+    inductions = [p for p in run.points if p.alpha < 0]
+    chosen = {"remove": max(removals, key=lambda p: p.alpha) if removals else None,
+              "induce": min(inductions, key=lambda p: p.alpha) if inductions else None}
+    found = []
+    for side, point in chosen.items():
+        effect = effects.get(side) or {}
+        name = effect.get("field")
+        if point is None or not name or not is_number(point.value(name)) or not is_number(baseline.value(name)):
+            continue
+        ci = {"refusal_rate": "refusal_ci95", "over_refusal_rate": "over_refusal_ci95"}.get(name, f"{name}_ci95")
+        found.append(BehaviourEffect(side, name, effect.get("expect", "decrease"), point, baseline.value(name),
+                                     baseline.value(ci), point.value(name), point.value(ci)))
+    return found

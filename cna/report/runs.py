@@ -49,6 +49,11 @@ class Run:
         return self.results.method
 
     @property
+    def behaviour(self) -> str:
+        """The behaviour steered (results written before behaviours existed are refusal's)."""
+        return str(self.results.extra.get("behaviour") or "refusal")
+
+    @property
     def status(self) -> str:
         return self.results.status
 

@@ -14,6 +14,7 @@ from cna.neurons import CARDS_MD, read_cards, token_list
 from cna.report.analysis import (
     MISSING,
     QUALITY_FLOOR,
+    behaviour_effects,
     effect_sentence,
     fmt,
     fmt_ci,
@@ -77,6 +78,33 @@ def _judge_section(runs: list[Run]) -> list[str]:
     header = ["run", "judge (model)", "alpha", "keyword refusal [95% CI]", "judge refusal [95% CI]",
               "judge score [95% CI]", "unparsed"]
     return ["## Judge vs keyword refusal", ""] + _table(header, rows) + [""]
+
+
+def behaviour_groups(runs: list[Run]) -> dict[str, list[Run]]:
+    """The runs by behaviour (results written before behaviours existed are refusal's), in order of first run."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.behaviour, []).append(run)
+    return groups
+
+
+def _behaviour_section(runs: list[Run]) -> list[str]:
+    """Each run's expected effects, measured: the removal field at its strongest ablation (m = 0, or the largest
+    alpha) and the induction field at its strongest amplification (largest m), against its unsteered point."""
+    rows = []
+    for run in runs:
+        for effect in behaviour_effects(run):
+            rows.append([run.display, run.behaviour, effect.side, effect.field, fmt(effect.point.alpha, "g"),
+                         fmt(effect.point.multiplier, "g"), fmt_ci(effect.before, effect.before_ci),
+                         fmt_ci(effect.after, effect.after_ci), f"{effect.change:+.3f}", effect.verdict])
+    if not rows:
+        return []
+    header = ["run", "behaviour", "effect", "field", "alpha", "m", "unsteered [95% CI]", "steered [95% CI]",
+              "change", "as expected"]
+    return ["## Behaviours: expected effects", "",
+            "Removal is read at the strongest ablation point, induction at the strongest amplification (m > 1); "
+            "'yes' where the steered interval lies wholly on the expected side of the unsteered value, 'no' where "
+            "it lies on the other side, 'within noise' otherwise.", ""] + _table(header, rows) + [""]
 
 
 def _circuit_section(run: Run) -> list[str]:
@@ -184,15 +212,24 @@ def write_summary(runs: list[Run], path: Path, folder: Path, images: dict[str, P
         timings = run.results.timings_s
         total = sum(v for v in timings.values() if is_number(v))
         status = f"{run.status}: {run.results.error}" if run.results.error else run.status
-        run_rows.append([run.display, run.model, run.method, status, str(len(run.points)),
+        run_rows.append([run.display, run.model, run.method, run.behaviour, status, str(len(run.points)),
                          f"{total:.0f}" if timings else MISSING, _in_sample_text(run), folder_name(run.path, folder)])
-    lines += _table(["run", "model", "method", "status", "points", "time (s)", "in-sample discovery", "folder"],
-                    run_rows) + [""]
+    lines += _table(["run", "model", "method", "behaviour", "status", "points", "time (s)", "in-sample discovery",
+                     "folder"], run_rows) + [""]
 
     lines += ["## Points", ""]
     fields = table_fields(runs)
-    rows = [point_row(run, point, fields) for run in runs for point in run.points]
-    lines += (_table(table_header(fields), rows) if rows else ["No finished points yet."]) + [""]
+    by_behaviour = behaviour_groups(runs)
+    if len(by_behaviour) > 1:  # each behaviour's own metrics: one table each
+        for name, members in by_behaviour.items():
+            own = table_fields(members)
+            rows = [point_row(run, point, own) for run in members for point in run.points]
+            lines += [f"### Behaviour: {name}", ""] + (_table(table_header(own), rows) if rows
+                                                       else ["No finished points yet."]) + [""]
+    else:
+        rows = [point_row(run, point, fields) for run in runs for point in run.points]
+        lines += (_table(table_header(fields), rows) if rows else ["No finished points yet."]) + [""]
+    lines += _behaviour_section(runs)
 
     lines += _judge_section(runs)
 

@@ -81,6 +81,8 @@ def summary_values(results: JobResults, failed: bool = False) -> dict[str, Any]:
         if isinstance(seconds, Real):
             values[f"timings_s/{stage}"] = seconds
     values.update(model=results.model, method=results.method)
+    if isinstance(results.extra.get("behaviour"), str):
+        values["behaviour"] = results.extra["behaviour"]
     if isinstance(results.extra.get("config_sha256"), str):
         values["config_sha256"] = results.extra["config_sha256"]
     return values

@@ -54,7 +54,7 @@ _WANDB_MODES = ("online", "offline", "shared", "disabled", "dryrun", "run")
 
 
 def make_tracker(logger: LoggerConfig, *, run_dir: Path, model: str, method: str, config: dict | None = None,
-                 group: str | None = None) -> Tracker:
+                 group: str | None = None, behaviour: str | None = None) -> Tracker:
     """The tracker `logger` asks for; never raises (a broken W&B gives a NullTracker and a warning)."""
     try:
         if logger.name == "none":
@@ -64,7 +64,7 @@ def make_tracker(logger: LoggerConfig, *, run_dir: Path, model: str, method: str
             log.info("W&B disabled: nothing is tracked")
             return NullTracker()
         tracker = WandbTracker(logger, run_dir=Path(run_dir), group=group, mode=mode, model=model, method=method,
-                               config=config or {})
+                               config=config or {}, behaviour=behaviour)
     except Exception as error:  # tracking must never fail a job
         log.warning("W&B setup failed, continuing without W&B: %s: %s", type(error).__name__, error)
         return NullTracker()
@@ -75,7 +75,7 @@ class WandbTracker(Tracker):
     """One W&B run per job; see the module docstring for the modes and the failure rule."""
 
     def __init__(self, logger: LoggerConfig, *, run_dir: Path, group: str | None, mode: str, model: str,
-                 method: str, config: dict):
+                 method: str, config: dict, behaviour: str | None = None):
         self.run: Any = None
         self.mode = mode
         self.run_dir = run_dir
@@ -84,6 +84,7 @@ class WandbTracker(Tracker):
         self._logged: set[str] = set()  # metric names in the history, whose last value W&B keeps in the summary
         self._wandb: Any = None
         self._model, self._method = model or "model", method or "method"
+        self._behaviour = behaviour
         with self._guard("start"):
             self.run = self._start(logger, group, config)
 
@@ -99,7 +100,7 @@ class WandbTracker(Tracker):
             os.environ.pop("WANDB_MODE")  # wandb's settings would reject it; resolve_mode has warned already
         init = dict(
             project=logger.project or "cna", entity=logger.entity or None, group=group or None,
-            job_type=self._method, tags=_tags(self._model, self._method), name=self.run_dir.name,
+            job_type=self._method, tags=_tags(self._model, self._method, self._behaviour), name=self.run_dir.name,
             dir=str(self.run_dir), config=config,
         )
         try:
@@ -216,8 +217,9 @@ def _short_name(model: str) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _tags(model: str, method: str) -> list[str]:
-    return [tag[:64] for tag in (_short_name(model), method) if tag]
+def _tags(model: str, method: str, behaviour: str | None = None) -> list[str]:
+    """The model's short name, the method and the behaviour (`behaviour:<name>`, so it cannot clash with a method)."""
+    return [tag[:64] for tag in (_short_name(model), method, behaviour and f"behaviour:{behaviour}") if tag]
 
 
 def _artifact_name(*parts: str) -> str:
