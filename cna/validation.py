@@ -19,14 +19,8 @@ from cna.errors import ConfigError
 from cna.evaluation.metric import metric_types, search_objectives
 from cna.methods import make_method
 from cna.methods.base import SteeringMethod
-from cna.models import (
-    MODEL_CACHE_ENV,
-    local_config,
-    model_cache,
-    quantization_unavailable,
-    read_model_shape,
-    resolve_device,
-)
+from cna.model_shape import local_config, read_model_shape
+from cna.models import MODEL_CACHE_ENV, model_cache, quantization_unavailable, resolve_device
 from cna.network import server_reachable
 from cna.schema import check_settings, shown
 

@@ -42,7 +42,8 @@ from cna.export import export_baked_model, orthogonalised_weights
 from cna.generation import generate
 from cna.hooks import Hook, attached, hook_count
 from cna.interventions import DirectionAblation, NeuronScale, RouterBias, SteeringVector
-from cna.models import ArchitectureAdapter, ModelSpec, load_model, read_model_shape
+from cna.model_shape import read_model_shape
+from cna.models import ArchitectureAdapter, ModelSpec, load_model
 from cna.prefix import LayerPrefixReuse
 from cna.run_folder import CIRCUIT, RESULTS
 from cna.tiny import MOE_CONFIGS, tiny_moe, write_tiny_model

@@ -35,7 +35,8 @@ from cna.errors import CnaError, ConfigError
 from cna.generation import eos_token_ids
 from cna.hooks import Hook, attached
 from cna.interventions import DirectionAblation, Intervention, NeuronScale
-from cna.models import FAMILIES, local_config, resolve_device, resolve_dtype
+from cna.model_shape import local_config
+from cna.models import FAMILIES, resolve_device, resolve_dtype
 from cna.schema import bounded, choice
 
 # Families whose vLLM modules carry transformers' names for layers, neuron sites and residual writers.

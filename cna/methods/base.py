@@ -19,7 +19,8 @@ from cna.circuit import Circuit, ExpertChoice, ResidualDirection
 from cna.data import PromptSource, encode_prompts, prompt_sets_sha256
 from cna.discovery import DISCOVERY_TOKEN_BUDGET, ActivationStatistics, collect_statistics
 from cna.interventions import Intervention
-from cna.models import ArchitectureAdapter, ModelShape, activation_identity_of
+from cna.model_shape import ModelShape
+from cna.models import ArchitectureAdapter, activation_identity_of
 
 Found = Circuit | ResidualDirection | ExpertChoice  # ExpertChoice: the router baseline's (mixtures of experts)
 

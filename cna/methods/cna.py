@@ -37,7 +37,8 @@ from cna.interventions import NEURON_MODES, NeuronScale
 from cna.interventions import POSITIONS as STEERED_POSITIONS
 from cna.methods import register_method
 from cna.methods.base import DiscoverySets, Statistics, SteeringMethod
-from cna.models import ArchitectureAdapter, ModelShape
+from cna.model_shape import ModelShape
+from cna.models import ArchitectureAdapter
 from cna.neurons import NeuronCard, eligible_ranks, neuron_cards
 from cna.schema import bounded, choice
 from cna.stability import (

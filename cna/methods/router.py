@@ -20,7 +20,8 @@ from cna.interventions import RouterBias
 from cna.methods import register_method
 from cna.methods.base import DiscoverySets, Statistics, SteeringMethod
 from cna.methods.cna import check_layer_range
-from cna.models import ArchitectureAdapter, ModelShape
+from cna.model_shape import ModelShape
+from cna.models import ArchitectureAdapter
 from cna.schema import bounded, choice
 
 
