@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from cna.batching import last_token_index, length_sorted_batches, pad_batch, position_ids
-from cna.circuit import Circuit, ExpertChoice, Neuron, ResidualDirection
+from cna.circuit import Circuit, Neuron, ResidualDirection
 from cna.errors import ConfigError
 from cna.experts import ExpertReadout, NeuronLayout
 from cna.hooks import attached, read_input, read_output
@@ -411,50 +411,6 @@ def random_circuit(circuit: Circuit, scores: NeuronScores, seed: int) -> Circuit
         neurons += [scores.neuron(layer, int(index)) for index in drawn]
     return replace(circuit, method="random", neurons=neurons, universal_removed=0,
                    settings={**circuit.settings, "seed": seed, "matched_to": circuit.method})
-
-
-def select_experts(
-    positive: ActivationStatistics,
-    negative: ActivationStatistics,
-    *,
-    model: str,
-    n_experts: int,
-    sign: str = "abs",
-    scale: float = 10.0,
-    layers: tuple[int, int] | None = None,
-    prompts: dict | None = None,
-    settings: dict | None = None,
-) -> ExpertChoice:
-    """The router baseline's experts: the `n_experts` (layer, expert) pairs whose routing frequency at the prompts'
-    position differs most between the sets (positive - negative, ranked as `sign` says; ties by layer, then expert).
-
-    Experts the positive set favours are suppressed (their gate logit moves by -scale at alpha = 1), experts the
-    negative set favours boosted (+scale): `positive` picks only the first kind, `negative` only the second.
-    """
-    if positive.routing_sum is None or negative.routing_sum is None:
-        raise ConfigError("method router: the model has no routed experts (its statistics count no routing)")
-    if scale <= 0:
-        raise ConfigError(f"method.scale: expected a logit shift > 0, got {scale}")
-    difference = positive.routing_frequency - negative.routing_frequency
-    routed = torch.zeros_like(difference, dtype=torch.bool)
-    for layer, spec in enumerate(positive.layout.layers):
-        routed[layer, : spec.get("experts", 0)] = True
-    ranked = rank_neurons(difference, sign, layers, valid=routed)
-    if not 1 <= n_experts <= len(ranked):
-        raise ConfigError(f"method.n_experts: expected 1 to {len(ranked)} (the routed experts searched), "
-                          f"got {n_experts}")
-    width = difference.shape[1]
-    entries = []
-    for flat in ranked[:n_experts].tolist():
-        layer, expert = divmod(flat, width)
-        favoured_by_positive = sign == "positive" or (sign == "abs" and difference[layer, expert] >= 0)
-        entries.append({"layer": layer, "expert": expert, "shift": -scale if favoured_by_positive else scale,
-                        "positive_frequency": float(positive.routing_frequency[layer, expert]),
-                        "negative_frequency": float(negative.routing_frequency[layer, expert])})
-    return ExpertChoice(model=model, method="router", experts=entries, n_layers=difference.shape[0],
-                        n_routed=positive.layout.n_routed, prompts=prompts or {},
-                        settings={"sign": sign, "scale": scale, "layers": list(layers) if layers else None,
-                                  **(settings or {})})
 
 
 def residual_direction(

@@ -32,7 +32,6 @@ from cna.discovery import (
     contrastive_scores,
     random_circuit,
     select_circuit,
-    select_experts,
     universal_neurons,
 )
 from cna.errors import CnaError, ConfigError
@@ -42,6 +41,7 @@ from cna.export import export_baked_model, orthogonalised_weights
 from cna.generation import generate
 from cna.hooks import Hook, attached, hook_count
 from cna.interventions import DirectionAblation, NeuronScale, RouterBias, SteeringVector
+from cna.methods.router import select_experts
 from cna.model_shape import read_model_shape
 from cna.models import ArchitectureAdapter, ModelSpec, load_model
 from cna.prefix import LayerPrefixReuse

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from cna.circuit import ExpertChoice
-from cna.discovery import POSITIONS, SIGNS, resolve_layer_range, select_experts
+from cna.discovery import POSITIONS, SIGNS, ActivationStatistics, rank_neurons, resolve_layer_range
 from cna.errors import ConfigError
 from cna.interventions import POSITIONS as STEERED_POSITIONS
 from cna.interventions import RouterBias
@@ -78,3 +80,47 @@ class RouterMethod(SteeringMethod):
 
     def describe(self) -> dict:
         return {"n_experts": self.config.n_experts, "sign": self.config.sign, "scale": self.config.scale}
+
+
+def select_experts(
+    positive: ActivationStatistics,
+    negative: ActivationStatistics,
+    *,
+    model: str,
+    n_experts: int,
+    sign: str = "abs",
+    scale: float = 10.0,
+    layers: tuple[int, int] | None = None,
+    prompts: dict | None = None,
+    settings: dict | None = None,
+) -> ExpertChoice:
+    """The router baseline's experts: the `n_experts` (layer, expert) pairs whose routing frequency at the prompts'
+    position differs most between the sets (positive - negative, ranked as `sign` says; ties by layer, then expert).
+
+    Experts the positive set favours are suppressed (their gate logit moves by -scale at alpha = 1), experts the
+    negative set favours boosted (+scale): `positive` picks only the first kind, `negative` only the second.
+    """
+    if positive.routing_sum is None or negative.routing_sum is None:
+        raise ConfigError("method router: the model has no routed experts (its statistics count no routing)")
+    if scale <= 0:
+        raise ConfigError(f"method.scale: expected a logit shift > 0, got {scale}")
+    difference = positive.routing_frequency - negative.routing_frequency
+    routed = torch.zeros_like(difference, dtype=torch.bool)
+    for layer, spec in enumerate(positive.layout.layers):
+        routed[layer, : spec.get("experts", 0)] = True
+    ranked = rank_neurons(difference, sign, layers, valid=routed)
+    if not 1 <= n_experts <= len(ranked):
+        raise ConfigError(f"method.n_experts: expected 1 to {len(ranked)} (the routed experts searched), "
+                          f"got {n_experts}")
+    width = difference.shape[1]
+    entries = []
+    for flat in ranked[:n_experts].tolist():
+        layer, expert = divmod(flat, width)
+        favoured_by_positive = sign == "positive" or (sign == "abs" and difference[layer, expert] >= 0)
+        entries.append({"layer": layer, "expert": expert, "shift": -scale if favoured_by_positive else scale,
+                        "positive_frequency": float(positive.routing_frequency[layer, expert]),
+                        "negative_frequency": float(negative.routing_frequency[layer, expert])})
+    return ExpertChoice(model=model, method="router", experts=entries, n_layers=difference.shape[0],
+                        n_routed=positive.layout.n_routed, prompts=prompts or {},
+                        settings={"sign": sign, "scale": scale, "layers": list(layers) if layers else None,
+                                  **(settings or {})})
