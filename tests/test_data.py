@@ -101,7 +101,8 @@ def test_packaged_sets_for_the_papers_three_tasks():
         assert len(positive) == len(negative) >= 8 and not set(positive) & set(negative)
     assert len(packaged_prompts("refusal_paper8", "positive")) == 8
     capitals = packaged_rows("capitals", "positive")
-    assert {"prompt": "The capital of France is", "target": " Paris", "set": "positive"} in capitals
+    assert {"prompt": "The capital of Finland is", "target": " Helsinki", "counterfactual": " Finnish",
+            "set": "positive"} in capitals
     sva = packaged_rows("sva")
     assert {row["target"] for row in sva if row["set"] == "positive"} == {" is"}
     assert {row["target"] for row in sva if row["set"] == "negative"} == {" are"}
