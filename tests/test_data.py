@@ -106,7 +106,7 @@ def test_packaged_sets_for_the_papers_three_tasks():
     sva = packaged_rows("sva")
     assert {row["target"] for row in sva if row["set"] == "positive"} == {" is"}
     assert {row["target"] for row in sva if row["set"] == "negative"} == {" are"}
-    with pytest.raises(ConfigError, match="no packaged prompt set 'capital'; known: capitals, diverse"):
+    with pytest.raises(ConfigError, match="no packaged prompt set 'capital'; known: capitals, capitals_eval, diverse"):
         packaged_prompts("capital")
     with pytest.raises(ConfigError, match="no subset 'harmful'"):
         packaged_prompts("refusal_paper8", "harmful")
