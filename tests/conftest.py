@@ -143,4 +143,6 @@ def qwen_folder() -> Path:
 
 # The vLLM engine's tests need vLLM, whose pins (torch, transformers) differ from the main lock: they run in their
 # own environment (`make test-vllm`: .venv-vllm, requirements/vllm.lock), where tests/vllm is collected.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
+# (tests/ is on sys.path, so this folder itself is found as a namespace package `vllm`: it has no origin.)
+_VLLM = importlib.util.find_spec("vllm")
+collect_ignore = [] if _VLLM is not None and _VLLM.origin is not None else ["vllm"]
