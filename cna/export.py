@@ -225,6 +225,22 @@ def _residual_writers(model: nn.Module, adapter: ArchitectureAdapter) -> list[tu
     return writers
 
 
+def project_out(rows: torch.Tensor, unit: torch.Tensor, alpha: float, saved: list) -> None:
+    """rows <- rows - alpha (rows . d) d in place, each row a residual write along the last axis; the original goes
+    to `saved` first, for `restore_rows`."""
+    d = unit.float().to(rows.device)
+    saved.append((rows, rows.clone()))
+    edited = rows.float()
+    rows.copy_(edited - alpha * (edited @ d).unsqueeze(-1) * d)
+
+
+def restore_rows(saved: list) -> None:
+    """Every row `project_out` changed, back as it was (the last change first)."""
+    with torch.no_grad():
+        for rows, original in reversed(saved):
+            rows.copy_(original)
+
+
 @contextmanager
 def orthogonalised_weights(model: nn.Module, adapter: ArchitectureAdapter, direction: ResidualDirection,
                            alpha: float = 1.0) -> Iterator[None]:
@@ -247,15 +263,10 @@ def orthogonalised_weights(model: nn.Module, adapter: ArchitectureAdapter, direc
         with torch.no_grad():
             for module, conv1d in _residual_writers(model, adapter):
                 for rows in _writes(module, conv1d):
-                    d = unit.to(rows.device)
-                    saved.append((rows, rows.clone()))
-                    edited = rows.float()
-                    rows.copy_(edited - alpha * (edited @ d).unsqueeze(-1) * d)
+                    project_out(rows, unit, alpha, saved)
         yield
     finally:
-        with torch.no_grad():
-            for rows, original in reversed(saved):
-                rows.copy_(original)
+        restore_rows(saved)
         if shared:
             head.weight = model.get_input_embeddings().weight
             model.config.tie_word_embeddings = tied

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from cna.engines import register_engine
 from cna.engines.base import Engine
 from cna.errors import CnaError, ConfigError
+from cna.export import project_out, restore_rows
 from cna.generation import eos_token_ids
 from cna.hooks import Hook, attached
 from cna.interventions import DirectionAblation, Intervention, NeuronScale
@@ -200,16 +201,10 @@ def orthogonalised(adapter: VllmAdapter, unit: torch.Tensor, alpha: float) -> It
             head.weight = torch.nn.Parameter(embedding.detach().clone(), requires_grad=False)
         with torch.no_grad():
             for rows in writers:
-                rows = rows if rows.dim() == 2 else rows.unsqueeze(0)
-                d = unit.float().to(rows.device)
-                saved.append((rows, rows.clone()))
-                edited = rows.float()
-                rows.copy_(edited - alpha * (edited @ d).unsqueeze(-1) * d)
+                project_out(rows if rows.dim() == 2 else rows.unsqueeze(0), unit, alpha, saved)
         yield
     finally:
-        with torch.no_grad():
-            for rows, original in reversed(saved):
-                rows.copy_(original)
+        restore_rows(saved)
         if shared:
             head.weight = embedding
 
