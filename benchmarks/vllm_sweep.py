@@ -91,7 +91,7 @@ def main() -> None:
     if args.record:
         recorded = json.loads(RESULTS.read_text())
         recorded[KEY] = result
-        RESULTS.write_text(json.dumps(recorded, indent=1) + "\n")
+        RESULTS.write_text(json.dumps(recorded, indent=2) + "\n")
 
 
 if __name__ == "__main__":
