@@ -100,6 +100,8 @@ class VllmAdapter:
                                layer.get_submodule(family.mlp_out or family.neuron_site)) for layer in self.layers]
         self.n_layers = len(self.layers)
         self.neurons_per_layer = int(self.neuron_sites[0].input_size)
+        # The families vLLM steers here are dense: no fused experts, neuron j of every layer is coordinate j.
+        self.experts, self.layout, self.has_experts = [None] * self.n_layers, None, False
         self.embeddings = model.get_submodule(family.layers.rsplit(".", 1)[0] + ".embed_tokens")
 
     @property
