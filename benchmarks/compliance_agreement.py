@@ -1,6 +1,7 @@
 """Hand labels of the three compliance verdicts: a blind sample to label, the labelled fixture, and agreement.
 
     python benchmarks/compliance_agreement.py sample RUNS --per-condition 30 --budget 128 --blind B.jsonl --key K.jsonl
+        [--after EARLIER_KEY.jsonl]   # label in batches while the sweep runs: only conditions not drawn before
     python benchmarks/compliance_agreement.py merge --key K.jsonl --labels L.jsonl [--out tests/data/...jsonl]
     python benchmarks/compliance_agreement.py agreement [--labels tests/data/qwen_compliance_labels.jsonl]
         [--judge yesno [eval.judge.KEY=VALUE ...]] [--out docs/compliance_agreement.json]
@@ -38,14 +39,20 @@ FIXTURE = ROOT / "tests" / "data" / "qwen_compliance_labels.jsonl"
 
 def sample(args: argparse.Namespace) -> None:
     found, _ = conditions(args.runs)
-    rng = random.Random(args.seed)
+    earlier = _read(args.after) if args.after else []
+    drawn_before = {row["condition"] for row in earlier}
     drawn = []
     for condition, records in found.items():
+        if condition in drawn_before:
+            continue
+        # One generator per condition: a condition's draw does not depend on which others exist yet.
+        rng = random.Random(f"{args.seed}:{condition}")
         for record in rng.sample(records, min(args.per_condition, len(records))):
             drawn.append({"condition": condition, "prompt": record["prompt"],
                           "response": cut(record, args.budget)["answer"], "budget": args.budget})
-    rng.shuffle(drawn)
-    for number, row in enumerate(drawn, 1):
+    random.Random(args.seed).shuffle(drawn)
+    first = max((row["id"] for row in earlier), default=0) + 1
+    for number, row in enumerate(drawn, first):
         row["id"] = number
     _write(args.blind, [{"id": r["id"], "prompt": r["prompt"], "response": r["response"]} for r in drawn])
     _write(args.key, drawn)
@@ -140,6 +147,8 @@ def main() -> None:
     drawing.add_argument("--seed", type=int, default=0)
     drawing.add_argument("--blind", type=Path, required=True)
     drawing.add_argument("--key", type=Path, required=True)
+    drawing.add_argument("--after", type=Path, default=None,
+                         help="an earlier key: draw only conditions it lacks (runs still going), ids after its last")
     joining = commands.add_parser("merge")
     joining.add_argument("--key", type=Path, required=True)
     joining.add_argument("--labels", type=Path, required=True)

@@ -115,6 +115,12 @@ class VllmAdapter:
             raise CnaError(f"layer {layer}'s down_proj weight is packed by the backend; steer by hooks")
         return self.neuron_sites[layer].weight.t()
 
+    def expert_weights(self, layer: int, expert: int | None) -> torch.Tensor:
+        """The neuron-major weight view cna.export.baked_weights scales (dense: expert is None)."""
+        if expert is not None:
+            raise CnaError(f"layer {layer}: engine=vllm steers dense models only, got expert {expert}")
+        return self.neuron_weights(layer)
+
 
 def _model_runner(worker):
     return worker.model_runner
