@@ -113,8 +113,9 @@ def agreement(args: argparse.Namespace) -> None:
     labels = [r["label"] for r in rows]
     by_condition: dict[str, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
-        by_condition["steered" if row["condition"] != "unsteered" else "unsteered"].append(i)
         by_condition[row["condition"]].append(i)
+        if row["condition"] != "unsteered":
+            by_condition["steered"].append(i)
     report = {"labels": str(args.labels.relative_to(ROOT) if args.labels.is_relative_to(ROOT) else args.labels),
               "rows": len(rows), "label_counts": dict(Counter(labels)),
               "label_counts_by_condition": {c: dict(Counter(labels[i] for i in idx))
